@@ -1,0 +1,27 @@
+"""Errors meant for people.
+
+A :class:`RetroError` is an expected mistake (bad input, bad option, conflicting rerun). Its message is one
+line naming the file or option, the problem and the fix; the CLI prints it without a traceback and exits 2.
+Anything else is a bug and keeps its traceback.
+"""
+
+
+class RetroError(Exception):
+    """An expected, user-facing error: one line saying what, where and how to fix it."""
+
+
+class DependencyError(RetroError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+def require(module: str, extra: str):
+    """Import ``module`` or raise a :class:`DependencyError` naming the pip extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - exercised only where the package is absent
+        raise DependencyError(
+            f"the Python module '{module}' is not installed ({e}); "
+            f"install it with: pip install 'retro-pipeline[{extra}]'"
+        ) from None
