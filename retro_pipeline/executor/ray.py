@@ -1,0 +1,144 @@
+"""The Ray executor: the same stage code on a pool of Ray actors, locally or on a cluster.
+
+Each actor builds the stage's worker state once (``Stage.setup``: tokenizers, a model) and then processes
+blocks. The driver keeps every actor busy with up to two blocks (one running, one queued), writes a
+block's completion marker when its result comes back, and retries blocks whose worker or node was lost.
+A :class:`~retro_pipeline.errors.RetroError` raised by stage code (bad input data) stops the run at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+from retro_pipeline.errors import RetroError, require
+from retro_pipeline.executor.base import INFRA_RETRIES, OnResult, run_block
+from retro_pipeline.stage import Block, Stage
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None):
+    """Return the ``ray`` module, connected: reuse a running session, join ``address``, or start local Ray."""
+    ray = require("ray", "ray")
+    if ray.is_initialized():
+        return ray
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True,
+                          "logging_level": "warning"}
+    try:
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
+    except ConnectionError as e:
+        raise RetroError(f"--address {address}: cannot connect to a Ray cluster ({e}); check the address "
+                         f"(auto, host:port or ray://host:port) or leave it out to run locally") from None
+    return ray
+
+
+class _StageWorker:
+    """The body of one Ray actor: stage state built once, then one block per call."""
+
+    def __init__(self, stage: Stage, resources: dict[str, Any]):
+        ncpu = max(1, int(resources.get("num_cpus") or 1))
+        os.environ.setdefault("RAYON_RS_NUM_CPUS", str(ncpu))  # Rust tokenizers' thread pool
+        os.environ.setdefault("RAYON_NUM_THREADS", str(ncpu))
+        self.stage = stage
+        self.state = stage.setup(resources)
+
+    def process(self, block: Block) -> dict[str, Any]:
+        return run_block(self.stage, block, self.state)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_workers: int | None = None,
+                 cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
+                 max_retries: int = 3, inflight_per_worker: int = 2):
+        self.address = address
+        self.num_workers = num_workers
+        self.cpus_per_worker = cpus_per_worker
+        self.gpus_per_worker = gpus_per_worker
+        self.max_retries = max_retries
+        self.inflight_per_worker = inflight_per_worker
+        self.stats: dict[str, int] = defaultdict(int)  # blocks run, retries, lost workers
+
+    def pool_shape(self, stage: Stage, n_blocks: int) -> tuple[int, float, float]:
+        ray = ensure_ray(self.address)
+        res = ray.cluster_resources()
+        gpus = self.gpus_per_worker if self.gpus_per_worker is not None else (
+            stage.num_gpus if res.get("GPU", 0) >= max(stage.num_gpus, 1e-9) else 0.0)
+        cpus = self.cpus_per_worker if self.cpus_per_worker is not None else stage.num_cpus
+        if self.num_workers:
+            n = self.num_workers
+        elif gpus > 0:
+            n = int(res.get("GPU", 0) // gpus)
+        else:
+            n = int(res.get("CPU", 1) // max(cpus, 1e-9))
+        if gpus > 0 and res.get("GPU", 0) < gpus:
+            raise RetroError(f"--gpus-per-worker {gpus}: the Ray cluster has {res.get('GPU', 0):g} GPUs; "
+                             f"use --device cpu or fewer GPUs per worker")
+        return max(1, min(n, n_blocks)), cpus, gpus
+
+    def run(self, stage: Stage, blocks: list[Block], on_result: OnResult) -> None:
+        if not blocks:
+            return
+        ray = ensure_ray(self.address)
+        from ray.exceptions import RayError, RayTaskError
+
+        n, cpus, gpus = self.pool_shape(stage, len(blocks))
+        worker_cls = ray.remote(_StageWorker)
+        resources = {"num_cpus": cpus, "num_gpus": gpus}
+        actors = [worker_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_concurrency=1)
+                  .remote(stage, resources) for _ in range(n)]
+        pending: deque[Block] = deque(blocks)
+        inflight: dict[Any, tuple[Block, Any]] = {}
+        load: dict[int, int] = defaultdict(int)
+        task_failures: dict[str, int] = defaultdict(int)
+        infra_failures: dict[str, int] = defaultdict(int)
+        try:
+            while pending or inflight:
+                for i, actor in enumerate(actors):
+                    while pending and load[i] < self.inflight_per_worker:
+                        block = pending.popleft()
+                        inflight[actor.process.remote(block)] = (block, i)
+                        load[i] += 1
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+                for ref in ready:
+                    block, i = inflight.pop(ref)
+                    load[i] -= 1
+                    try:
+                        result = ray.get(ref)
+                    except RayTaskError as e:
+                        cause = e.cause if getattr(e, "cause", None) is not None else e
+                        if isinstance(cause, RetroError):
+                            raise RetroError(str(cause)) from None
+                        task_failures[block.name] += 1
+                        self.stats["retries"] += 1
+                        if task_failures[block.name] > self.max_retries:
+                            raise RuntimeError(f"[{stage.name}] block {block.name} failed "
+                                               f"{task_failures[block.name]} times; last error:\n{e}") from None
+                        print(f"[{stage.name}] block {block.name} failed, retrying: {cause!r}", file=sys.stderr)
+                        pending.appendleft(block)
+                    except RayError as e:  # a lost worker, actor or node: retry elsewhere
+                        infra_failures[block.name] += 1
+                        self.stats["retries"] += 1
+                        self.stats["lost"] += 1
+                        if infra_failures[block.name] > INFRA_RETRIES:
+                            raise RuntimeError(f"[{stage.name}] block {block.name}: workers kept failing "
+                                               f"({type(e).__name__}); check the Ray cluster") from None
+                        print(f"[{stage.name}] worker lost during block {block.name} "
+                              f"({type(e).__name__}); retrying", file=sys.stderr)
+                        pending.appendleft(block)
+                        time.sleep(0.2)
+                    else:
+                        self.stats["blocks"] += 1
+                        on_result(block, result)
+        finally:
+            for a in actors:
+                ray.kill(a)

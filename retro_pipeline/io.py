@@ -1,0 +1,111 @@
+"""Atomic file writes, completion markers and small HDF5 helpers.
+
+Every output is written as ``name.tmp-<pid>`` beside its target, flushed, fsynced and moved into place with
+``os.replace``; a completion marker (counts + checksum) is written last. A crash therefore never leaves a
+file that looks complete, and a stage's start sweeps the stale temporaries a crash left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+TMP_RE = re.compile(r"\.tmp-\d+(-\d+)?$")
+
+
+def tmp_path(target: str | os.PathLike) -> Path:
+    target = Path(target)
+    return target.with_name(f"{target.name}.tmp-{os.getpid()}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and moved onto ``target``.
+
+    On an exception the temporary is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(target)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(target: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as pretty, key-sorted JSON, atomically."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def read_json(path: str | os.PathLike, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+def file_checksum(path: str | os.PathLike, algo: str = "sha256", bufsize: int = 1 << 22) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(bufsize)
+            if not buf:
+                break
+            h.update(buf)
+    return f"{algo}:{h.hexdigest()}"
+
+
+def sweep_temporaries(*dirs: str | os.PathLike) -> int:
+    """Remove stale ``*.tmp-<pid>`` files under ``dirs`` (recursively); return how many were removed."""
+    n = 0
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            continue
+        for p in d.rglob("*.tmp-*"):
+            if TMP_RE.search(p.name) and p.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    n += 1
+    return n
+
+
+def h5_create(f, name: str, data=None, shape=None, dtype=None):
+    """Create an HDF5 dataset with settings that keep files byte-identical across runs (no timestamps)."""
+    return f.create_dataset(name, data=data, shape=shape, dtype=dtype, track_times=False)
+
+
+def h5_open_write(path: str | os.PathLike):
+    """Open a new HDF5 file for writing with a fixed layout so equal content gives equal bytes."""
+    import h5py
+
+    return h5py.File(path, "w", libver=("earliest", "v110"), track_order=False)
