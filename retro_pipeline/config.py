@@ -36,7 +36,7 @@ class BuildConfig:
     seed: int = 1234
     index_ntrain: str = "auto"  # "auto" or an integer count, kept as text
     block_size: int = 100000
-    embed_dtype: str = "float16"  # on-disk dtype of stored embedding blocks
+    embed_dtype: str = "float32"  # on-disk dtype of stored embedding blocks (float32 or float16)
 
     def blend(self) -> list[tuple[float, str]]:
         return [(float(self.data_path[i]), self.data_path[i + 1]) for i in range(0, len(self.data_path), 2)]

@@ -74,3 +74,14 @@ def status(workdir: str) -> dict[str, dict]:
         raise RetroError(f"{wd.root}: not a retro-pipeline workdir (no config.json); run "
                          f"'retro-pipeline build --workdir {workdir} ...' first")
     return {s: wd.stage_status(s) for s in STAGE_ORDER}
+
+
+def load_config(workdir: str):
+    """The stored config of a workdir."""
+    from retro_pipeline import config as cfgmod
+
+    wd = Workdir(workdir)
+    stored = wd.stored()
+    if not stored:
+        raise RetroError(f"{wd.root}: not a retro-pipeline workdir (no config.json)")
+    return cfgmod.validate(cfgmod.from_dict(stored))

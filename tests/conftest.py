@@ -21,3 +21,40 @@ def ray_session():
                  logging_level="warning", log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def _corpus_text() -> list[str]:
+    """Real text that is on every machine: the Python documentation topics."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+@pytest.fixture(scope="session")
+def gpt_tokenizer_path(tmp_path_factory) -> str:
+    """A small byte-level BPE (GPT-style, with <|endoftext|>) trained here; returns its tokenizer.json."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(_corpus_text()[:150], vocab_size=1200, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    path = tmp_path_factory.mktemp("gpt_tok") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> str:
+    """A small BERT WordPiece tokenizer (lower-casing, [UNK] for unknown words) in a model directory."""
+    from tokenizers import BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(_corpus_text()[:150], vocab_size=800, min_frequency=2, show_progress=False)
+    d = tmp_path_factory.mktemp("bert")
+    tok.save(str(d / "tokenizer.json"))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    return _corpus_text()

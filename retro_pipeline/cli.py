@@ -1,0 +1,247 @@
+"""The ``retro-pipeline`` command line. Every command is a thin layer over the Python API.
+
+``retro-pipeline --help`` imports neither torch, ray nor faiss; commands import what they use.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import fields
+from typing import Any
+
+import click
+
+from retro_pipeline.config import POOLINGS, SPLIT_MODES, BuildConfig, RunOptions, load_config_file
+from retro_pipeline.errors import RetroError
+
+BUILD_KEYS = {f.name for f in fields(BuildConfig)}
+RUN_KEYS = {f.name for f in fields(RunOptions)} - {"extra"}
+
+
+def stage_options(f):
+    """Options shared by every build stage; all default to None so that 'not given' is visible."""
+    opts = [
+        click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False),
+                     help="Build directory: holds config.json, the chunk DB, embeddings and progress markers."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="JSON or YAML file of the options below (keys with _ for -); the command line wins."),
+        click.option("--data-path", help="GPT token corpora: 'PREFIX' or a blend 'W1 PREFIX1 W2 PREFIX2 ...' "
+                                         "of Megatron .bin/.idx files. Required at the first run."),
+        click.option("--gpt-tokenizer", help="Tokenizer of those corpora: a tokenizer.json, a directory, "
+                                             "'gpt2' (packaged GPT-2 BPE) or a hub id. Required at the first run."),
+        click.option("--embedder", help="Encoder for chunk embeddings: a directory or hub id "
+                                        "[default: the packaged all-MiniLM-L6-v2]."),
+        click.option("--pooling", type=click.Choice(POOLINGS), help="Embedding pooling [default: the model's own, else mean]."),
+        click.option("--chunk-length", type=int, help="GPT tokens per chunk [default: 64]."),
+        click.option("--split", help="train,valid,test proportions of documents [default: 98,2,0]."),
+        click.option("--split-mode", type=click.Choice(SPLIT_MODES),
+                     help="random: seeded random split and index sample; megatron: document-order split and "
+                          "first-N sample, as Megatron [default: random]."),
+        click.option("--seed", type=int, help="Seed of every random choice [default: 1234]."),
+        click.option("--index-ntrain", help="Chunks sampled to train the index, or 'auto' [default: auto]."),
+        click.option("--block-size", type=int, help="Rows per block file: the unit of work and of resume "
+                                                    "[default: 100000]."),
+        click.option("--force", is_flag=True, help="Rebuild the stages whose settings changed instead of refusing."),
+        click.option("--address", help="Ray cluster address (auto, host:port, ray://host:port); "
+                                       "none starts a local Ray."),
+        click.option("--executor", type=click.Choice(["ray", "local"]),
+                     help="ray: a pool of Ray actors [default]; local: one process, no Ray (debugging)."),
+        click.option("--num-workers", type=int, help="Workers in the pool [default: from the cluster's CPUs/GPUs]."),
+        click.option("--cpus-per-worker", type=float, help="CPUs per worker [default: 1]."),
+        click.option("--gpus-per-worker", type=float, help="GPUs per embedding worker [default: 1 where the "
+                                                           "cluster has GPUs, else 0]."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Embedding device [default: cuda when present]."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+                     help="Embedding precision on CUDA [default: float16 on cuda, float32 on cpu]."),
+        click.option("--batch-size", type=int, help="Texts per encoder batch [default: 128]."),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def split_options(kw: dict[str, Any]) -> tuple[str, dict, RunOptions, bool]:
+    """Command-line + config-file options → (workdir, build options given, run options, force)."""
+    workdir = kw.pop("workdir")
+    force = kw.pop("force")
+    progress = not kw.pop("no_progress")
+    cfile = kw.pop("config_file")
+    opts = load_config_file(cfile) if cfile else {}
+    unknown = set(opts) - BUILD_KEYS - RUN_KEYS
+    if unknown:
+        raise RetroError(f"{cfile}: unknown option(s) {', '.join(sorted(unknown))}; see retro-pipeline build --help")
+    opts.update({k: v for k, v in kw.items() if v is not None})
+    if "data_path" in opts:
+        from retro_pipeline.corpus import blend_to_list, parse_blend
+
+        opts["data_path"] = blend_to_list([(w, _abs(p)) for w, p in parse_blend(opts["data_path"])])
+    if opts.get("gpt_tokenizer") and _is_path(opts["gpt_tokenizer"]):
+        opts["gpt_tokenizer"] = _abs(opts["gpt_tokenizer"])
+    if opts.get("embedder") and _is_path(opts["embedder"]):
+        opts["embedder"] = _abs(opts["embedder"])
+    run = RunOptions(progress=progress, **{k: v for k, v in opts.items() if k in RUN_KEYS})
+    return workdir, {k: v for k, v in opts.items() if k in BUILD_KEYS}, run, force
+
+
+def _abs(p: str) -> str:
+    import os
+
+    return os.path.abspath(os.path.expanduser(str(p)))
+
+
+def _is_path(p: str) -> bool:
+    import os
+
+    return os.path.exists(os.path.expanduser(str(p)))
+
+
+def errors_as_messages(f):
+    @functools.wraps(f)
+    def wrapper(*a, **kw):
+        try:
+            return f(*a, **kw)
+        except RetroError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="retro-pipeline")
+def cli():
+    """RETRO retrieval preprocessing on Ray: corpora → chunk database → embeddings (→ index → neighbors).
+
+    Start with `retro-pipeline build --workdir W`: with no --data-path it builds a demo corpus from the
+    Python standard library's documentation and runs every stage on it. Each stage also runs alone;
+    `retro-pipeline status --workdir W` shows how far a build got. A run killed at any point resumes where
+    it stopped when started again.
+    """
+
+
+def _run(stages, kw, demo_ok=False):
+    from retro_pipeline.pipeline import run_stages
+    from retro_pipeline.workdir import Workdir
+
+    workdir, given, run, force = split_options(kw)
+    if demo_ok and "data_path" not in given and not Workdir(workdir).stored().get("data_path"):
+        from retro_pipeline.demo import build_demo_corpus
+
+        prefix = build_demo_corpus(str(Workdir(workdir).root / "demo_corpus"))
+        click.echo(f"no --data-path given: using the demo corpus {prefix} (Python standard library docs, "
+                   f"GPT-2 BPE)", err=True)
+        given["data_path"] = ["1", str(prefix)]
+        given.setdefault("gpt_tokenizer", "gpt2")
+    out = run_stages(workdir, stages, given, run, force=force)
+    for name, done in out.items():
+        click.echo(f"{name}: done in {done.get('seconds', 0):.1f} s " + _counts(done))
+    return out
+
+
+def _counts(d: dict) -> str:
+    keys = [k for k in d if k.startswith("n_") or k == "dim"]
+    return "(" + ", ".join(f"{k} {d[k]}" for k in keys) + ")" if keys else ""
+
+
+@cli.command()
+@stage_options
+@errors_as_messages
+def build(**kw):
+    """Run every stage in order (db-build, then embedding of the index-training sample)."""
+    _run(["db-build", "embed-sampled"], kw, demo_ok=True)
+    _show_examples(kw["workdir"])
+
+
+@cli.command("db-build")
+@stage_options
+@errors_as_messages
+def db_build(**kw):
+    """Chunk the corpora into db/individual blocks and db/merged/{train,sampled,valid}.hdf5."""
+    _run(["db-build"], kw)
+
+
+@cli.command()
+@stage_options
+@errors_as_messages
+def embed(**kw):
+    """Embed the index-training sample (db/merged/sampled.hdf5) into embed/sampled/ blocks."""
+    _run(["embed-sampled"], kw)
+
+
+@cli.command()
+@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False))
+@errors_as_messages
+def status(workdir):
+    """Per stage: done, partial (blocks done of total) or not started."""
+    from retro_pipeline.pipeline import status as get_status
+
+    for name, st in get_status(workdir).items():
+        if st["state"] == "done":
+            click.echo(f"{name:15s} done       {st.get('blocks', 0)} blocks, {st.get('seconds', 0):.1f} s {_counts(st)}")
+        elif st["state"] == "partial":
+            click.echo(f"{name:15s} partial    {st['blocks_done']} of {st['blocks_total']} blocks")
+        else:
+            click.echo(f"{name:15s} not started")
+
+
+@cli.command("train-tokenizer")
+@click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True),
+              help="Text files, JSONL, Parquet or directories of text files (repeatable).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory for tokenizer.json.")
+@click.option("--vocab-size", required=True, type=int)
+@click.option("--kind", type=click.Choice(["bpe", "wordpiece", "sentencepiece"]), default="bpe", show_default=True,
+              help="bpe: byte-level BPE (GPT); wordpiece: BERT-style, for an embedder; sentencepiece.")
+@click.option("--text-key", default="text", show_default=True, help="JSONL/Parquet field holding the text.")
+@errors_as_messages
+def train_tokenizer(inputs, output, vocab_size, kind, text_key):
+    """Train a tokenizer on raw text with the Rust tokenizers library."""
+    from retro_pipeline.tokenizers import train_tokenizer as train
+
+    path = train(list(inputs), output, vocab_size, kind=kind, text_key=text_key)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True),
+              help="JSONL (one document per line), Parquet, a text file or a directory of text files (repeatable).")
+@click.option("--output-prefix", required=True, help="Writes PREFIX.bin and PREFIX.idx.")
+@click.option("--tokenizer", required=True, help="A tokenizer.json, a directory, 'gpt2' or a hub id.")
+@click.option("--text-key", default="text", show_default=True, help="JSONL/Parquet field holding the text.")
+@click.option("--workers", default=1, show_default=True, type=int, help="Ray workers tokenizing in parallel.")
+@click.option("--address", help="Ray cluster address; none starts a local Ray when --workers > 1.")
+@click.option("--no-progress", is_flag=True)
+@errors_as_messages
+def preprocess(inputs, output_prefix, tokenizer, text_key, workers, address, no_progress):
+    """Tokenize raw text into a Megatron indexed dataset (one document per record, EOD appended)."""
+    from retro_pipeline.preprocess import preprocess as run
+
+    stats = run(list(inputs), output_prefix, tokenizer, text_key=text_key, workers=workers,
+                progress=not no_progress, address=address)
+    click.echo(f"wrote {output_prefix}.bin/.idx: {stats.get('docs')} documents, {stats.get('tokens')} tokens")
+
+
+def _show_examples(workdir: str, n: int = 3) -> None:
+    """Print a few chunks of a finished DB so the user sees real output."""
+    import h5py
+
+    from retro_pipeline.pipeline import load_config
+    from retro_pipeline.stages.embed import ChunkReader
+    from retro_pipeline.workdir import Workdir
+
+    wd = Workdir(workdir)
+    with h5py.File(wd.merged_db_path("train"), "r") as f:
+        total = len(f["chunks"])
+        rows = f["chunks"][:: max(1, total // n)][:n]
+    texts = ChunkReader(load_config(workdir)).texts(rows)
+    click.echo(f"\n{total} train chunks in {wd.merged_db_path('train')}; a few of them:")
+    for r, t in zip(rows, texts):
+        click.echo(f"  [dataset {r[0]} doc {r[1]} tokens {r[2]}:{r[3]}] {t[:150]!r}")
+
+
+def main():
+    cli(prog_name="retro-pipeline")
+
+
+if __name__ == "__main__":
+    main()
