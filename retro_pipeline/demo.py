@@ -1,0 +1,130 @@
+"""A small real-text demo corpus that every machine can build offline: Python's own documentation.
+
+The documents are every topic of ``pydoc_data.topics`` (the help() pages of the language reference) and the
+docstrings (at least 200 characters, deduplicated) of a fixed list of pure-Python standard-library modules, their
+public functions and classes and the public methods of those classes. They are tokenized with the real GPT-2
+BPE (shipped offline, see :func:`retro_pipeline.tokenizers.load_gpt_tokenizer`) into
+``<out_dir>/stdlib_docs.bin/.idx``. The same Python version gives the same bytes on every run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEMO_NAME = "stdlib_docs"
+MIN_DOC_CHARS = 200
+DEMO_MODULES = (
+    "abc", "argparse", "ast", "asyncio.events", "asyncio.locks", "asyncio.queues", "asyncio.streams",
+    "asyncio.tasks", "base64", "bisect", "calendar", "collections", "concurrent.futures._base",
+    "concurrent.futures.process", "configparser", "contextlib", "copy", "csv", "dataclasses", "difflib",
+    "email.message", "email.utils", "enum", "fractions", "ftplib", "functools", "gettext", "glob", "gzip",
+    "heapq", "html.parser", "http.client", "http.cookiejar", "http.server", "imaplib", "inspect", "ipaddress",
+    "json", "json.decoder", "json.encoder", "logging", "logging.handlers", "mailbox", "multiprocessing.pool",
+    "optparse", "pathlib", "pickle", "pprint", "queue", "random", "shlex", "shutil", "smtplib", "socketserver",
+    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize",
+    "traceback", "typing", "unittest.case", "unittest.mock", "urllib.parse", "urllib.request", "uuid",
+    "warnings", "xml.dom.minidom", "xml.etree.ElementTree", "zipfile", "zoneinfo",
+)
+
+
+def _members(mod) -> list[tuple[str, object]]:
+    """(qualified name, object) for a module, its public classes/functions and those classes' methods."""
+    out: list[tuple[str, object]] = [(mod.__name__, mod)]
+    for name in sorted(vars(mod)):
+        obj = vars(mod)[name]
+        if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+            continue
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        out.append((f"{mod.__name__}.{name}", obj))
+        if inspect.isclass(obj):
+            for attr in sorted(vars(obj)):
+                member = vars(obj)[attr]
+                if attr.startswith("_"):
+                    continue
+                if isinstance(member, (classmethod, staticmethod)):
+                    member = member.__func__
+                if inspect.isfunction(member) or isinstance(member, property):
+                    out.append((f"{mod.__name__}.{name}.{attr}", member))
+    return out
+
+
+def demo_text_documents(include_source: bool = False) -> list[str]:
+    """The demo documents, in a fixed order: pydoc topics by name, then docstrings by module and name, then
+    (with ``include_source``) the source file of each module in :data:`DEMO_MODULES`, one document each."""
+    from pydoc_data.topics import topics
+
+    docs = [f"{name}\n\n{topics[name].strip()}" for name in sorted(topics)]
+    seen = {topics[name].strip() for name in topics}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for modname in DEMO_MODULES:
+            try:
+                mod = importlib.import_module(modname)
+            except ImportError:  # a stripped-down Python may lack some modules
+                continue
+            for qualname, obj in _members(mod):
+                doc = inspect.getdoc(obj)
+                if not doc or len(doc) < MIN_DOC_CHARS or doc in seen:
+                    continue
+                seen.add(doc)
+                docs.append(f"{qualname}\n\n{doc}")
+    if include_source:
+        for modname in DEMO_MODULES:
+            spec = importlib.util.find_spec(modname)
+            if spec is not None and spec.origin and spec.origin.endswith(".py"):
+                docs.append(f"# {modname}\n\n{Path(spec.origin).read_text(encoding='utf-8')}")
+    return docs
+
+
+def _valid(prefix: str, n_docs: int) -> bool:
+    from retro_pipeline.corpus import IndexedDataset
+    from retro_pipeline.errors import RetroError
+
+    try:
+        return len(IndexedDataset(prefix)) == n_docs
+    except RetroError:
+        return False
+
+
+def build_demo_corpus(out_dir, max_docs: int | None = None, include_source: bool = False,
+                      progress: bool = False) -> str:
+    """Build (or reuse) ``<out_dir>/stdlib_docs.bin/.idx`` tokenized with GPT-2; return the prefix.
+
+    The documentation alone is about 750 documents / 260k tokens; ``include_source`` adds the modules' source
+    files (``stdlib_docs_src``, about 820 documents / 1.7M tokens) for a bigger demo.
+    """
+    from retro_pipeline.corpus import IndexedDataset, IndexedDatasetWriter, best_dtype
+    from retro_pipeline.preprocess import tokenize_documents
+    from retro_pipeline.tokenizers import load_gpt_tokenizer
+
+    out = Path(out_dir)
+    prefix = os.fspath(out / (DEMO_NAME + ("_src" if include_source else "")))
+    texts = demo_text_documents(include_source)
+    if max_docs is not None:
+        texts = texts[:max_docs]
+    if _valid(prefix, len(texts)):
+        log.info("demo corpus %s already built (%d documents)", prefix, len(texts))
+        if progress:
+            print(f"demo corpus {prefix} already built ({len(texts)} documents)")
+        return prefix
+    tok = load_gpt_tokenizer("gpt2")
+    dtype = np.dtype(best_dtype(tok.vocab_size))
+    with IndexedDatasetWriter(prefix, dtype) as writer:
+        for i in range(0, len(texts), 500):
+            writer.add_flat(*tokenize_documents(tok, texts[i:i + 500], dtype))
+    n_tokens = IndexedDataset(prefix).num_tokens
+    log.info("demo corpus %s: %d documents, %d GPT-2 tokens", prefix, len(writer), n_tokens)
+    if progress:
+        print(f"demo corpus {prefix}: {len(writer)} documents, {n_tokens} GPT-2 tokens")
+    return prefix
