@@ -1,0 +1,143 @@
+"""Bad input through the CLI: one line naming the problem, exit code 2, no traceback, nothing that looks done."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from retro_pipeline.cli import cli
+from retro_pipeline.corpus import write_indexed_dataset
+from retro_pipeline.tokenizers import load_gpt_tokenizer
+
+
+@pytest.fixture()
+def good(tmp_path, gpt_tokenizer_path, corpus_texts):
+    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
+    docs = [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:12])]
+    prefix = str(tmp_path / "c")
+    write_indexed_dataset(prefix, docs, np.uint16)
+    return prefix
+
+
+def run(workdir, prefix, gpt, bert, *extra):
+    args = ["db-build", "--workdir", str(workdir), "--data-path", prefix, "--gpt-tokenizer", gpt,
+            "--embedder", bert, "--executor", "local", "--no-progress", "--chunk-length", "16",
+            "--block-size", "4", *extra]
+    return CliRunner().invoke(cli, args)
+
+
+def assert_clean_error(result, *words, workdir=None):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    if workdir is not None:
+        merged = workdir / "db" / "merged"
+        assert not any(merged.glob("*.hdf5")) if merged.exists() else True
+        assert not (workdir / "markers" / "db-build" / "_done.json").exists()
+
+
+def corrupt(prefix, what):
+    idx, binf = prefix + ".idx", prefix + ".bin"
+    data = bytearray(open(idx, "rb").read())
+    if what == "truncated-bin":
+        b = open(binf, "rb").read()
+        open(binf, "wb").write(b[:-10])
+        return binf
+    if what == "magic":
+        data[:9] = b"NOTANIDX\x00"
+    elif what == "legacy":
+        data[:8] = b"TNTIDX\x00\x00"
+    elif what == "version":
+        data[9:17] = struct.pack("<Q", 2)
+    elif what == "pointer":
+        n = struct.unpack("<Q", data[18:26])[0]
+        p = 34 + 4 * n + 8  # the second sequence pointer
+        data[p:p + 8] = struct.pack("<q", struct.unpack("<q", data[p:p + 8])[0] + 2)
+    open(idx, "wb").write(bytes(data))
+    return idx
+
+
+@pytest.mark.parametrize("what,word", [("truncated-bin", ".bin"), ("magic", ".idx"), ("legacy", ".idx"),
+                                       ("version", ".idx"), ("pointer", ".idx")])
+def test_corrupt_corpus(tmp_path, good, gpt_tokenizer_path, bert_dir, what, word):
+    corrupt(good, what)
+    wd = tmp_path / "w"
+    r = run(wd, good, gpt_tokenizer_path, bert_dir)
+    assert_clean_error(r, good + word, workdir=wd)
+    assert not (wd / "config.json").exists()  # a fixed corpus can be given on the next run
+
+
+def test_token_outside_vocabulary(tmp_path, gpt_tokenizer_path, bert_dir):
+    prefix = str(tmp_path / "big")
+    write_indexed_dataset(prefix, [np.array([5, 6, 7]), np.array([8, 60000, 0])], np.uint16)
+    wd = tmp_path / "w"
+    r = run(wd, prefix, gpt_tokenizer_path, bert_dir)
+    assert_clean_error(r, "60000", "vocabulary", prefix + ".bin", workdir=wd)
+
+
+def test_token_outside_vocabulary_from_a_ray_worker(tmp_path, gpt_tokenizer_path, bert_dir, ray_session):
+    from retro_pipeline.config import RunOptions
+    from retro_pipeline.errors import RetroError
+    from retro_pipeline.pipeline import run_stages
+
+    prefix = str(tmp_path / "big")
+    write_indexed_dataset(prefix, [np.array([5, 6, 7])] * 8 + [np.array([8, 60000, 0])], np.uint16)
+    with pytest.raises(RetroError, match="60000"):
+        run_stages(str(tmp_path / "w"), ["db-build"], {"data_path": ["1", prefix], "gpt_tokenizer":
+                   gpt_tokenizer_path, "embedder": bert_dir, "block_size": 2}, RunOptions(progress=False))
+    assert not (tmp_path / "w" / "db" / "merged").exists()
+
+
+def test_missing_tokenizer(tmp_path, good, bert_dir):
+    r = run(tmp_path / "w", good, str(tmp_path / "nope" / "tokenizer.json"), bert_dir)
+    assert_clean_error(r, "nope", workdir=tmp_path / "w")
+
+
+def test_empty_corpus(tmp_path, gpt_tokenizer_path, bert_dir):
+    prefix = str(tmp_path / "empty")
+    write_indexed_dataset(prefix, [], np.uint16)
+    r = run(tmp_path / "w", prefix, gpt_tokenizer_path, bert_dir)
+    assert_clean_error(r, prefix, "no documents", workdir=tmp_path / "w")
+
+
+def test_missing_corpus_files(tmp_path, gpt_tokenizer_path, bert_dir):
+    r = run(tmp_path / "w", str(tmp_path / "absent"), gpt_tokenizer_path, bert_dir)
+    assert_clean_error(r, "absent")
+
+
+def test_conflicting_rerun_names_keys_and_force_rebuilds(tmp_path, good, gpt_tokenizer_path, bert_dir):
+    wd = tmp_path / "w"
+    assert run(wd, good, gpt_tokenizer_path, bert_dir).exit_code == 0
+    n16 = json.loads((wd / "db" / "indexed_dataset_infos.json").read_text())[0]["n_chunks"]
+    r = run(wd, good, gpt_tokenizer_path, bert_dir, "--chunk-length", "32", "--seed", "9")
+    assert_clean_error(r, "chunk_length", "seed", "--force")
+    assert json.loads((wd / "config.json").read_text())["chunk_length"] == 16
+    # a rerun that repeats the stored values, or leaves them out, is fine
+    r = CliRunner().invoke(cli, ["db-build", "--workdir", str(wd), "--executor", "local", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    r = run(wd, good, gpt_tokenizer_path, bert_dir, "--chunk-length", "32", "--force")
+    assert r.exit_code == 0, r.output
+    n32 = json.loads((wd / "db" / "indexed_dataset_infos.json").read_text())[0]["n_chunks"]
+    assert n32 < n16
+    assert json.loads((wd / "config.json").read_text())["chunk_length"] == 32
+
+
+def test_status_and_bad_options(tmp_path, good, gpt_tokenizer_path, bert_dir):
+    wd = tmp_path / "w"
+    r = CliRunner().invoke(cli, ["status", "--workdir", str(wd)])
+    assert_clean_error(r, "not a retro-pipeline workdir")
+    assert run(wd, good, gpt_tokenizer_path, bert_dir).exit_code == 0
+    r = CliRunner().invoke(cli, ["status", "--workdir", str(wd)])
+    assert r.exit_code == 0 and "db-build" in r.output and "done" in r.output
+    assert "embed-sampled" in r.output and "not started" in r.output
+    assert_clean_error(run(tmp_path / "x", good, gpt_tokenizer_path, bert_dir, "--split", "a,b"), "--split")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("chunk_lenght: 3\n")
+    assert_clean_error(run(tmp_path / "y", good, gpt_tokenizer_path, bert_dir, "--config", str(cfg)), "chunk_lenght")
