@@ -1,0 +1,197 @@
+"""GPT/embedder tokenizer loading, the fast byte-level detokenizer, and tokenizer training."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from retro_pipeline.errors import RetroError
+from retro_pipeline.tokenizers import (GPTTokenizer, _byte_decoder, _gpt2_files, default_embedder_path,
+                                       load_embedder_tokenizer, load_gpt_tokenizer, train_tokenizer)
+
+MIXED_TEXT = ["Hello world, naïve café — 日本語のテキスト 🙂🚀 Ünïcödé", "x" * 10, "", "\u00e9\u0301 ﷽ 𝔘𝔫𝔦"]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    from retro_pipeline.demo import demo_text_documents
+
+    path = tmp_path_factory.mktemp("train") / "docs.jsonl"
+    docs = demo_text_documents()[:150] + MIXED_TEXT * 20
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_bpe(train_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bpe")
+    train_tokenizer([train_file], out, vocab_size=600, kind="bpe")
+    return out
+
+
+def test_gpt2_is_the_real_gpt2():
+    tok = load_gpt_tokenizer("gpt2")
+    assert tok.vocab_size == 50257 and tok.eod_id == 50256
+    assert [t.tolist() for t in tok.encode_batch(["Hello world", ""])] == [[15496, 995], []]
+    assert tok.encode_batch(["a<|endoftext|>b"])[0].tolist() == [64, 50256, 65]
+    assert tok.decode([15496, 995, 50256]) == "Hello world"
+    assert load_gpt_tokenizer("gpt2") is tok  # cached per process
+    assert pickle.loads(pickle.dumps(tok)).encode_batch(["Hello"])[0].tolist() == [15496]
+
+
+def test_gpt2_directories_and_files(tmp_path):
+    encoder, vocab_bpe = _gpt2_files()
+    (tmp_path / "openai").mkdir()
+    shutil.copy(encoder, tmp_path / "openai" / "encoder.json")
+    shutil.copy(vocab_bpe, tmp_path / "openai" / "vocab.bpe")
+    (tmp_path / "hf").mkdir()
+    shutil.copy(encoder, tmp_path / "hf" / "vocab.json")
+    shutil.copy(vocab_bpe, tmp_path / "hf" / "merges.txt")
+    ref = load_gpt_tokenizer("gpt2")
+    ref.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    text = ["Retrieval-enhanced transformers<|endoftext|> café"]
+    for spec in (tmp_path / "openai", tmp_path / "hf", tmp_path / "tokenizer.json", tmp_path):
+        tok = load_gpt_tokenizer(str(spec))
+        assert tok.eod_id == 50256 and tok.vocab_size == 50257
+        assert tok.encode_batch(text)[0].tolist() == ref.encode_batch(text)[0].tolist()
+        assert tok.decode([50256, 40304]) == " café"
+
+
+def test_unknown_tokenizer_errors(tmp_path):
+    with pytest.raises(RetroError, match="no such file or directory"):
+        load_gpt_tokenizer(str(tmp_path / "nope" / "tokenizer.json"))
+    with pytest.raises(RetroError, match=r"not loadable from the Hugging Face hub .*pass a tokenizer.json, a "
+                                         r"directory, or 'gpt2'"):
+        load_gpt_tokenizer("no-such-org/no-such-tokenizer")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(RetroError, match="bad.json"):
+        load_gpt_tokenizer(str(bad))
+
+
+def test_missing_eod(tmp_path):
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(RetroError, match="no end-of-document token"):
+        GPTTokenizer(tok, "tiny").eod_id
+
+
+def _random_chunks(tok: GPTTokenizer, rng, n_chunks=1500, max_len=40):
+    """Chunks of random ids mixing whole-vocabulary ids, single-byte tokens (which split multi-byte
+    characters), special and out-of-range ids, and slices of real multilingual text cut anywhere."""
+    byte_ids = [tok.tokenizer.token_to_id(c) for c in _byte_decoder()]
+    byte_ids = np.array([i for i in byte_ids if i is not None] or [0], dtype=np.int64)
+    real = np.concatenate(tok.encode_batch(MIXED_TEXT * 3))
+    pools = [np.arange(tok.vocab_size), byte_ids, np.array([tok.eod_id, tok.vocab_size + 5])]
+    chunks = []
+    for _ in range(n_chunks):
+        n = int(rng.integers(0, max_len))
+        if rng.random() < 0.3:
+            start = int(rng.integers(0, len(real)))
+            chunks.append(real[start:start + n])
+        else:
+            which = rng.choice(3, size=n, p=[0.4, 0.55, 0.05])
+            chunks.append(np.array([rng.choice(pools[w]) for w in which], dtype=np.int64))
+    return chunks
+
+
+def _check_detok(tok: GPTTokenizer, chunks, dtype=np.int64):
+    flat = np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype)
+    bounds = np.concatenate([[0], np.cumsum([len(c) for c in chunks])])
+    expect = tok.decode_batch([flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+    assert tok.detokenize_flat(flat, bounds) == expect
+    pairs = np.stack([bounds[:-1], bounds[1:]], axis=1)[::-1].copy()  # (start, end) rows, any order
+    assert tok.detokenize_flat(flat, pairs) == expect[::-1]
+
+
+def test_detokenize_flat_gpt2_property():
+    tok = load_gpt_tokenizer("gpt2")
+    rng = np.random.default_rng(1234)
+    chunks = _random_chunks(tok, rng)
+    _check_detok(tok, chunks, np.int64)
+    _check_detok(tok, chunks, np.uint16)  # corpus dtype; out-of-range ids are skipped like decode does
+    assert tok.detokenize_flat(np.zeros(0, np.uint16), np.array([0])) == []
+
+
+def test_detokenize_flat_small_gather_steps(monkeypatch):
+    import retro_pipeline.tokenizers as T
+
+    monkeypatch.setattr(T, "_GATHER", 7)
+    tok = load_gpt_tokenizer("gpt2")
+    _check_detok(tok, _random_chunks(tok, np.random.default_rng(5), n_chunks=200))
+
+
+def test_detokenize_flat_trained_byte_level_bpe(trained_bpe):
+    import tokenizers
+
+    tok = GPTTokenizer(tokenizers.Tokenizer.from_file(str(trained_bpe / "tokenizer.json")), "trained")
+    assert tok.eod_id == tok.tokenizer.token_to_id("<|endoftext|>")
+    _check_detok(tok, _random_chunks(tok, np.random.default_rng(7)))
+    # a non-special added token: decode splices it in verbatim; those chunks take the exact slow path
+    tok.tokenizer.add_tokens(["ADDED"])
+    tok._table = None
+    added = tok.tokenizer.token_to_id("ADDED")
+    chunks = _random_chunks(tok, np.random.default_rng(8), n_chunks=300)
+    chunks = [np.concatenate([c[:3], [added], c[3:]]) if i % 3 == 0 else c for i, c in enumerate(chunks)]
+    _check_detok(tok, chunks)
+
+
+def test_detokenize_flat_falls_back_for_other_decoders(train_file, tmp_path):
+    train_tokenizer([train_file], tmp_path, vocab_size=500, kind="sentencepiece")
+    tok = load_gpt_tokenizer(str(tmp_path))
+    assert tok._byte_table() is None
+    _check_detok(tok, _random_chunks(tok, np.random.default_rng(3), n_chunks=200))
+
+
+def test_embedder_tokenizer_default():
+    tok = load_embedder_tokenizer()
+    assert (default_embedder_path() / "tokenizer.json").is_file()
+    assert tok.truncation is None and tok.padding is None
+    ids = tok.encode("Hello world", add_special_tokens=False).ids
+    assert ids == [7592, 2088] and tok.encode("Hello world").ids == [101, 7592, 2088, 102]
+    assert len(tok.encode("word " * 1000, add_special_tokens=False).ids) == 1000
+
+
+def test_train_bpe(trained_bpe):
+    tok = load_gpt_tokenizer(str(trained_bpe / "tokenizer.json"))
+    assert 300 <= tok.vocab_size <= 600
+    ids = tok.encode_batch(MIXED_TEXT[:1])[0]
+    assert tok.decode(ids) == MIXED_TEXT[0]  # byte-level: lossless
+    assert tok.decode([tok.eod_id]) == ""
+
+
+def test_train_wordpiece(train_file, tmp_path):
+    import transformers
+
+    path = train_tokenizer([train_file], tmp_path, vocab_size=800, kind="wordpiece")
+    assert path == tmp_path / "tokenizer.json"
+    vocab = (tmp_path / "vocab.txt").read_text().splitlines()
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    enc = hf("the module")["input_ids"]
+    assert enc[0] == vocab.index("[CLS]") and enc[-1] == vocab.index("[SEP]")
+    emb = load_embedder_tokenizer(tmp_path)
+    assert emb.encode("the module").ids == enc
+    assert load_gpt_tokenizer(str(tmp_path)).eod_id == vocab.index("[SEP]")
+
+
+def test_train_sentencepiece(train_file, tmp_path):
+    train_tokenizer([train_file], tmp_path, vocab_size=500, kind="sentencepiece")
+    tok = load_gpt_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert tok.eod_id == tok.tokenizer.token_to_id("</s>")
+    assert tok.decode(tok.encode_batch(["the module"])[0]) == "the module"
+
+
+def test_train_tokenizer_errors(train_file, tmp_path):
+    with pytest.raises(RetroError, match="unknown tokenizer kind"):
+        train_tokenizer([train_file], tmp_path, vocab_size=500, kind="unigramx")
+    with pytest.raises(RetroError, match="too small"):
+        train_tokenizer([train_file], tmp_path, vocab_size=10)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RetroError, match="no documents"):
+        train_tokenizer([tmp_path / "empty"], tmp_path / "out", vocab_size=500)
