@@ -240,7 +240,7 @@ class IndexedDatasetWriter:
 
     def add_documents(self, docs) -> None:
         """Append many documents at once (a list of arrays or lists)."""
-        docs = [np.asarray(d).reshape(-1) for d in docs]
+        docs = [np.asarray(d).reshape(-1) if len(d) else np.zeros(0, self.dtype) for d in docs]
         if docs:
             self.add_flat(np.concatenate(docs), np.fromiter((d.size for d in docs), np.int64, len(docs)))
 

@@ -154,6 +154,8 @@ def _tokenize_shard(tok_box: list, texts: list[str], dtype, batch_size: int):
 
     key = tok_box[0].hex()
     if key not in _WORKER_TOKENIZERS:
+        os.environ.setdefault("RAYON_RS_NUM_CPUS", "1")  # one task per CPU: keep Rust's pool to one thread
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")
         _WORKER_TOKENIZERS.clear()
         _WORKER_TOKENIZERS[key] = ray.get(tok_box[0])
     return tokenize_documents(_WORKER_TOKENIZERS[key], texts, dtype, batch_size)
@@ -164,7 +166,9 @@ def preprocess(inputs, output_prefix, tokenizer_spec: str, text_key: str = "text
                shard_docs: int | None = None) -> dict:
     """Tokenize documents into ``output_prefix.bin``/``.idx`` (one sequence per document, EOD appended).
 
-    Returns ``{"docs", "tokens", "skipped_empty", "seconds", "dtype", "vocab_size", "prefix"}``.
+    ``workers > 1`` tokenizes shards of ``shard_docs`` documents in Ray tasks (joining ``address`` or starting
+    a local Ray); the output bytes do not depend on ``workers``, ``batch_size`` or ``shard_docs``.
+    Returns ``{"docs", "tokens", "skipped_empty", "seconds", "dtype", "vocab_size", "eod_id", "prefix"}``.
     """
     from tqdm import tqdm
 

@@ -228,7 +228,14 @@ def _load_tokenizer_object(spec: str, what: str):
         for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
             if (path / vocab).is_file() and (path / merges).is_file():
                 return _byte_level_bpe(path / vocab, path / merges)
-        return _from_hub(str(path), what)  # e.g. a transformers directory with only a slow tokenizer
+        try:  # e.g. a transformers directory with only a sentencepiece model
+            import transformers
+
+            return transformers.AutoTokenizer.from_pretrained(str(path)).backend_tokenizer
+        except Exception as e:
+            raise RetroError(f"{what} directory '{spec}' has no tokenizer.json, vocab.json + merges.txt or "
+                             f"encoder.json + vocab.bpe, and transformers cannot load it ({type(e).__name__}); "
+                             f"pass a directory or tokenizer.json saved by the tokenizers library") from None
     if spec.strip().lower() == "gpt2":
         return _byte_level_bpe(*_gpt2_files())
     if not _HUB_ID.match(spec) or spec.endswith(".json") or spec.startswith((".", "~")):

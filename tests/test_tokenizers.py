@@ -195,3 +195,9 @@ def test_train_tokenizer_errors(train_file, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RetroError, match="no documents"):
         train_tokenizer([tmp_path / "empty"], tmp_path / "out", vocab_size=500)
+
+
+def test_directory_without_tokenizer_files(tmp_path):
+    (tmp_path / "readme.txt").write_text("no tokenizer here")
+    with pytest.raises(RetroError, match="has no tokenizer.json"):
+        load_gpt_tokenizer(str(tmp_path))
