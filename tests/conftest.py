@@ -58,3 +58,22 @@ def bert_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def corpus_texts() -> list[str]:
     return _corpus_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, bert_dir) -> str:
+    """A random-init 2-layer BERT with the WordPiece tokenizer of ``bert_dir``, saved as a HF model directory."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(f"{bert_dir}/tokenizer.json"),
+                                  unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+                                  mask_token="[MASK]", model_max_length=128)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=128))
+    d = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
