@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from retro_pipeline import sizing
-from retro_pipeline.chunks import bert_lengths, chunk_spans, chunk_texts, doc_lengths_without_eod
+from retro_pipeline.chunks import BertLengths, chunk_spans, chunk_texts, doc_lengths_without_eod
 from retro_pipeline.config import BuildConfig
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write, write_json
@@ -106,7 +106,7 @@ class DBBuildStage(Stage):
 
         return {
             "gpt": load_gpt_tokenizer(self.cfg.gpt_tokenizer),
-            "bert": load_embedder_tokenizer(embedder_tokenizer_spec(self.cfg)),
+            "bert_lengths": BertLengths(load_embedder_tokenizer(embedder_tokenizer_spec(self.cfg))),
             "datasets": [IndexedDataset(p) for _, p in self.cfg.blend()],
         }
 
@@ -133,7 +133,7 @@ class DBBuildStage(Stage):
         for i in range(0, n, TEXT_BATCH):
             j = min(i + TEXT_BATCH, n)
             texts = chunk_texts(gpt, tokens, rel[doc_idx[i:j]] + start[i:j], end[i:j] - start[i:j])
-            blen[i:j] = bert_lengths(state["bert"], texts)
+            blen[i:j] = state["bert_lengths"](texts)
         rows = np.stack([doc_idx + s, start, end, blen], axis=1).astype(np.uint32)
         valid = blen > 0
         per_doc = np.bincount(doc_idx[valid], minlength=e - s)
