@@ -40,8 +40,8 @@ def stage_options(f):
                           "first-N sample, as Megatron [default: random]."),
         click.option("--seed", type=int, help="Seed of every random choice [default: 1234]."),
         click.option("--index-ntrain", help="Chunks sampled to train the index, or 'auto' [default: auto]."),
-        click.option("--block-size", type=int, help="Rows per block file: the unit of work and of resume "
-                                                    "[default: 100000]."),
+        click.option("--block-size", type=int, help="Rows per block file at most: the unit of work and of resume; "
+                                                    "small inputs are cut into about 64 blocks [default: 100000]."),
         click.option("--force", is_flag=True, help="Rebuild the stages whose settings changed instead of refusing."),
         click.option("--address", help="Ray cluster address (auto, host:port, ray://host:port); "
                                        "none starts a local Ray."),
@@ -64,6 +64,7 @@ def stage_options(f):
 
 def split_options(kw: dict[str, Any]) -> tuple[str, dict, RunOptions, bool]:
     """Command-line + config-file options → (workdir, build options given, run options, force)."""
+    kw = dict(kw)
     workdir = kw.pop("workdir")
     force = kw.pop("force")
     progress = not kw.pop("no_progress")

@@ -32,6 +32,12 @@ def block_ranges(n: int, block_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
 
 
+def rows_per_block(n: int, block_size: int, floor: int, target_blocks: int = 64) -> int:
+    """``block_size``, lowered for small inputs so that they still split into about ``target_blocks`` blocks
+    (never below ``floor`` rows) and spread over workers. Depends only on the input size and the config."""
+    return max(1, min(block_size, max(floor, -(-n // target_blocks))))
+
+
 def block_file_name(start: int, end: int, n_total: int) -> str:
     """Megatron's block name: both ends zero-filled to the width of the largest index."""
     width = len(str(n_total))

@@ -169,3 +169,34 @@ def test_crash_in_the_middle_then_resume(tmp_path, corpus, gpt_tokenizer_path, b
     for name in ("train", "sampled", "valid"):
         assert (tmp_path / "crash" / "db" / "merged" / f"{name}.hdf5").read_bytes() == \
             (tmp_path / "clean" / "db" / "merged" / f"{name}.hdf5").read_bytes()
+
+
+def test_merge_memory_does_not_grow_with_the_corpus(tmp_path, gpt_tokenizer_path, bert_dir, corpus_texts):
+    """finalize streams block by block: a 12x larger corpus (same block size) needs no more merge memory."""
+    import tracemalloc
+
+    from retro_pipeline.executor.base import block_is_done
+    from retro_pipeline.pipeline import load_config
+    from retro_pipeline.stages.db import DBBuildStage
+    from retro_pipeline.workdir import Workdir
+
+    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
+    docs = edge_case_docs(gpt, corpus_texts[:60], CL, n_docs=150, seed=5)
+    peaks = {}
+    for copies in (2, 24):
+        prefix = str(tmp_path / f"c{copies}")
+        write_indexed_dataset(prefix, docs * copies, np.uint16)
+        wd = tmp_path / f"w{copies}"
+        build(wd, prefix, gpt_tokenizer_path, bert_dir, block_size=32, index_ntrain="200")
+        stage = DBBuildStage(str(wd), load_config(str(wd)))
+        blocks = stage.plan()
+        assert {b.size for b in blocks[:-1]} == {32}
+        results = {b.name: block_is_done(Workdir(wd).markers_dir("db-build"), b) for b in blocks}
+        stage.finalize(blocks, results)  # warm-up: one-time allocations of h5py and numpy
+        tracemalloc.start()
+        stage.finalize(blocks, results)
+        peaks[copies] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        n = read_h5(wd / "db" / "merged" / "train.hdf5")["chunks"].shape[0]
+        assert n > 400 * copies  # the merged DB did grow
+    assert peaks[24] < 1.5 * peaks[2], peaks

@@ -22,7 +22,7 @@ from retro_pipeline.chunks import BertLengths, chunk_spans, chunk_texts, doc_len
 from retro_pipeline.config import BuildConfig
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write, write_json
-from retro_pipeline.stage import Block, Stage, block_file_name, block_ranges
+from retro_pipeline.stage import Block, Stage, block_file_name, block_ranges, rows_per_block
 from retro_pipeline.workdir import Workdir
 
 TEXT_BATCH = 16384  # chunks detokenized and re-tokenized per call
@@ -88,7 +88,7 @@ class DBBuildStage(Stage):
         for ds_idx, (ds, dname) in enumerate(zip(self.datasets(), self.dir_names())):
             n = len(ds)
             d = self.wd.db_dir / "individual" / dname
-            for s, e in block_ranges(n, self.cfg.block_size):
+            for s, e in block_ranges(n, rows_per_block(n, self.cfg.block_size, floor=32)):
                 fname = block_file_name(s, e, n)
                 blocks.append(Block(f"{dname}/{fname[:-5]}", s, e, str(d / fname), {"ds": ds_idx}))
         return blocks

@@ -17,7 +17,7 @@ from retro_pipeline.chunks import chunk_texts
 from retro_pipeline.config import DEFAULT_EMBEDDER, BuildConfig
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write
-from retro_pipeline.stage import Block, Stage, block_file_name, block_ranges
+from retro_pipeline.stage import Block, Stage, block_file_name, block_ranges, rows_per_block
 from retro_pipeline.workdir import Workdir
 
 
@@ -26,8 +26,11 @@ def embedder_spec(cfg: BuildConfig) -> str | None:
 
 
 def load_encoder(cfg: BuildConfig, device=None, dtype=None, num_threads=None):
+    from transformers.utils import logging as hf_logging
+
     from embedder import Encoder
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise
     return Encoder.load(embedder_spec(cfg), pooling=cfg.pooling or None, device=device, dtype=dtype,
                         num_threads=num_threads)
 
@@ -92,7 +95,7 @@ class EmbedStage(Stage):
         n = self.n_rows()
         out = self.wd.embed_dir(self.db)
         return [Block(block_file_name(s, e, n)[:-5], s, e, str(out / block_file_name(s, e, n)))
-                for s, e in block_ranges(n, self.cfg.block_size)]
+                for s, e in block_ranges(n, rows_per_block(n, self.cfg.block_size, floor=256))]
 
     def output_dirs(self) -> list[Path]:
         return [self.wd.embed_dir(self.db)]
