@@ -30,9 +30,10 @@ CPU autocast (correct, but rarely faster than float32 on CPUs without AMX). Pool
 Determinism: :meth:`Encoder.encode` forms its batches as a function of the input list only (token lengths,
 ``batch_size``, ``sort_by_length``), so a block of texts is computed the same way whichever process runs
 it: with the same hardware, library versions and settings its embeddings are the same bit for bit. Across
-different batchings they agree to float noise only (~1e-7 in float32 on CPU). Measured on CPU in float32:
-an item's embedding depends on its tokens and on its batch's padded width (which changes the order of
-floating-point sums), not on the batch size, its batch-mates or the thread count (1 vs 2) at equal width.
+different batchings they agree to float noise only (~1e-7 in float32 on CPU), because a batch's shape
+(padded width; a batch of one) can change how kernels order floating-point sums. Measured on CPU in float32:
+at equal padded width the bits depend neither on the batch size, nor on the batch-mates, nor on the thread
+count (1 vs 2).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Encoder(torch.nn.Module):
         self.compute_dtype = compute_dtype
         # Token ids that mean-no-special leaves out: the ones the tokenizer adds around a text, and padding.
         special = {getattr(tokenizer, f"{t}_token_id", None) for t in ("cls", "sep", "pad", "bos", "eos")}
-        self.register_buffer("special_ids", torch.tensor(sorted(i for i in special if i is not None)),
+        self.register_buffer("special_ids", torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long),
                              persistent=False)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -178,7 +179,8 @@ class Encoder(torch.nn.Module):
                 "pooling_mode_max_tokens": False,
                 "pooling_mode_mean_sqrt_len_tokens": False,
             })
-        else:
+        else:  # and a modules.json left by an earlier save would now describe the wrong pooling
+            (path / "modules.json").unlink(missing_ok=True)
             warnings.warn(f"pooling '{self.pooling}' has no sentence-transformers equivalent: {path} loads "
                           "with embedder.Encoder.load only", stacklevel=2)
         _write_json(path / SETTINGS_FILE, {"pooling": self.pooling, "normalize": self.normalize,
