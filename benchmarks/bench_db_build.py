@@ -2,7 +2,8 @@
 
     python benchmarks/bench_db_build.py [--repeats 3] [--workers 2] [--max-docs N]
 
-Corpus: the demo corpus with the standard library's source files (about 1.7M GPT-2 tokens), GPT-2 BPE,
+Corpus: --copies copies of the demo corpus with the standard library's source files (1.7M GPT-2 tokens a
+copy), GPT-2 BPE,
 the packaged all-MiniLM-L6-v2 tokenizer, chunk length 64. Measured, each as a median over --repeats:
 
 * pipeline, local   db-build with the local executor (one process), blocks + merge
@@ -55,17 +56,24 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-docs", type=int, default=None)
-    ap.add_argument("--block-size", type=int, default=200)
+    ap.add_argument("--block-size", type=int, default=100)
+    ap.add_argument("--copies", type=int, default=3,
+                    help="corpus = this many copies of the demo documents, so that worker start-up "
+                         "(about 1 s: imports, tokenizer tables) does not dominate")
     args = ap.parse_args()
 
     from retro_pipeline.config import RunOptions
-    from retro_pipeline.corpus import IndexedDataset
+    from retro_pipeline.corpus import IndexedDataset, IndexedDatasetWriter
     from retro_pipeline.demo import build_demo_corpus
     from retro_pipeline.pipeline import run_stages
     from retro_pipeline.tokenizers import default_embedder_path, load_embedder_tokenizer, load_gpt_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench_db_")
-    prefix = build_demo_corpus(os.path.join(tmp, "corpus"), max_docs=args.max_docs, include_source=True)
+    src = IndexedDataset(build_demo_corpus(os.path.join(tmp, "corpus"), max_docs=args.max_docs, include_source=True))
+    prefix = os.path.join(tmp, "corpus", f"x{args.copies}")
+    with IndexedDatasetWriter(prefix, src.dtype) as w:
+        for _ in range(args.copies):
+            w.add_flat(np.asarray(src.tokens), np.asarray(src.sequence_lengths))
     ds = IndexedDataset(prefix)
     gpt = load_gpt_tokenizer("gpt2")
     given = {"data_path": ["1", prefix], "gpt_tokenizer": "gpt2", "block_size": args.block_size}
@@ -85,6 +93,7 @@ def main():
     import ray
 
     ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="warning")
+    time.sleep(10)  # Ray's own agents use the CPUs for a few seconds after start-up
     pipeline("ray", num_workers=args.workers)  # warm-up: actor start-up is not db-build work
     rows[f"pipeline, ray ({args.workers} workers)"] = timed(lambda: pipeline("ray", num_workers=args.workers),
                                                             args.repeats)[0]

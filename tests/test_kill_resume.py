@@ -56,6 +56,9 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, gpt_tokenizer_path, bert
     n_done = len([p for p in markers.glob("*.json") if not p.name.startswith("_")])
     assert 3 <= n_done < 40
     assert not (markers / "_done.json").exists()
+    st = subprocess.run([sys.executable, "-m", "retro_pipeline.cli", "status", "--workdir", str(wd)],
+                        capture_output=True, text=True, check=True).stdout
+    assert f"partial    {n_done} of 40 blocks" in st, st
 
     r = subprocess.run(cli(wd, prefix, gpt_tokenizer_path, bert_dir, rerun_workers), env=clean_env(),
                        capture_output=True, text=True, timeout=300)

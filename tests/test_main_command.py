@@ -1,0 +1,35 @@
+"""The README's main command, exactly as a user types it: the demo build with the packaged MiniLM on Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import h5py
+import numpy as np
+
+
+def test_readme_main_command(tmp_path):
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert "retro-pipeline build --workdir demo\n" in readme
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(["retro-pipeline", "build", "--workdir", "demo", "--no-progress"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wd = tmp_path / "demo"
+    infos = json.loads((wd / "db" / "indexed_dataset_infos.json").read_text())
+    assert infos[0]["n_docs"] > 700 and infos[0]["n_chunks"] > 4000
+    with h5py.File(wd / "db" / "merged" / "sampled.hdf5", "r") as f:
+        n_sampled = len(f["chunks"])
+    parts = []
+    for p in sorted((wd / "embed" / "sampled").glob("*.hdf5")):
+        with h5py.File(p, "r") as f:
+            parts.append(f["data"][...])
+    emb = np.concatenate(parts)
+    assert emb.shape == (n_sampled, 384)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # MiniLM normalizes
+    assert "train chunks in" in r.stdout and "[dataset 0 doc 0 tokens 0:64]" in r.stdout
+    st = subprocess.run(["retro-pipeline", "status", "--workdir", "demo"], cwd=tmp_path, capture_output=True,
+                        text=True, check=True).stdout
+    assert st.count(" done ") == 2
