@@ -121,3 +121,17 @@ def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_b
     # the dead worker's running block and the one queued behind it are retried; nothing else is
     assert 1 <= ex.stats["lost"] <= 2 and ex.stats["blocks"] == 5 and done["blocks_run"] == 5
     assert read_embeddings(str(wd.root)).tobytes() == read_embeddings(str(tmp_path / "clean")).tobytes()
+
+
+def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
+                                                       ray_session):
+    import torch
+
+    from retro_pipeline.errors import RetroError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the error under test cannot happen here")
+    for executor in ("local", "ray"):
+        with pytest.raises(RetroError, match="--device cuda: no CUDA device"):
+            build(tmp_path / executor, prefix, gpt_tokenizer_path, tiny_bert_dir, executor=executor, device="cuda")
+        assert not (tmp_path / executor / "markers" / "embed-sampled" / "_done.json").exists()

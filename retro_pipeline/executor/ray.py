@@ -45,9 +45,15 @@ class _StageWorker:
         os.environ.setdefault("RAYON_RS_NUM_CPUS", str(ncpu))  # Rust tokenizers' thread pool
         os.environ.setdefault("RAYON_NUM_THREADS", str(ncpu))
         self.stage = stage
-        self.state = stage.setup(resources)
+        self.setup_error: BaseException | None = None
+        try:
+            self.state = stage.setup(resources)
+        except Exception as e:  # raised from process(), so a RetroError reaches the driver as itself
+            self.setup_error = e
 
     def process(self, block: Block) -> dict[str, Any]:
+        if self.setup_error is not None:
+            raise self.setup_error
         return run_block(self.stage, block, self.state)
 
     def pid(self) -> int:

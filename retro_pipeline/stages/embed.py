@@ -8,6 +8,7 @@ float16 with ``embed_dtype``). Workers ask Ray for a GPU when the cluster has on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ class EmbedStage(Stage):
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
+        if device == "cpu":
+            self.num_gpus = 0.0  # don't hold a cluster's GPUs for CPU work
 
     @property
     def wd(self) -> Workdir:
@@ -101,9 +104,14 @@ class EmbedStage(Stage):
         return [self.wd.embed_dir(self.db)]
 
     def setup(self, resources: dict[str, Any]):
+        import torch
+
         device = self.device
         if device is None and not resources.get("num_gpus"):
             device = "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RetroError(f"--device cuda: no CUDA device on worker {os.uname().nodename} (torch "
+                             f"{torch.__version__}); use --device cpu or a GPU node with a CUDA build of torch")
         threads = max(1, int(resources.get("num_cpus") or 1))
         return {"reader": ChunkReader(self.cfg),
                 "encoder": load_encoder(self.cfg, device=device, dtype=self.dtype, num_threads=threads)}
