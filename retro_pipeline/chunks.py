@@ -39,24 +39,10 @@ def chunk_spans(doc_lengths: np.ndarray, chunk_length: int) -> tuple[np.ndarray,
     return doc_index, start, end
 
 
-def gather_spans(tokens: np.ndarray, abs_start: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate ``tokens[abs_start[i] : abs_start[i] + lengths[i]]`` for all i.
-
-    Returns the flat token array and offsets ``[n + 1]`` into it.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] == 0:
-        return np.zeros(0, dtype=tokens.dtype), offsets
-    idx = np.arange(offsets[-1], dtype=np.int64) + np.repeat(np.asarray(abs_start, np.int64) - offsets[:-1], lengths)
-    return np.asarray(tokens[idx]), offsets
-
-
 def chunk_texts(gpt, tokens: np.ndarray, abs_start: np.ndarray, lengths: np.ndarray) -> list[str]:
-    """Text of each chunk: its GPT tokens gathered and detokenized in one batch."""
-    flat, offsets = gather_spans(tokens, abs_start, lengths)
-    return gpt.detokenize_flat(flat, offsets)
+    """Text of each chunk ``tokens[abs_start[i] : abs_start[i] + lengths[i]]``, detokenized in one batch."""
+    abs_start = np.asarray(abs_start, dtype=np.int64)
+    return gpt.detokenize_flat(tokens, np.stack([abs_start, abs_start + np.asarray(lengths, np.int64)], axis=1))
 
 
 class BertLengths:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from retro_pipeline.chunks import BertLengths, chunk_spans, doc_lengths_without_eod, gather_spans
+from retro_pipeline.chunks import BertLengths, chunk_spans, chunk_texts, doc_lengths_without_eod
 
 
 def test_chunk_spans_match_range_loop():
@@ -23,10 +23,16 @@ def test_eod_dropped_once_and_only_at_the_end():
     np.testing.assert_array_equal(doc_lengths_without_eod(tokens, offsets, 9), [1, 0, 0, 1, 2])
 
 
-def test_gather_spans():
-    tokens = np.arange(100)
-    flat, offs = gather_spans(tokens, np.array([10, 50, 0]), np.array([3, 0, 2]))
-    assert flat.tolist() == [10, 11, 12, 0, 1] and offs.tolist() == [0, 3, 3, 5]
+def test_chunk_texts_equal_per_chunk_decode(gpt_tokenizer_path, corpus_texts):
+    from retro_pipeline.tokenizers import load_gpt_tokenizer
+
+    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
+    tokens = np.concatenate(gpt.encode_batch(corpus_texts[:5]))
+    rng = np.random.default_rng(2)
+    starts = rng.integers(0, len(tokens) - 70, 300)
+    lengths = rng.integers(0, 65, 300)
+    want = [gpt.tokenizer.decode(tokens[s:s + n].tolist()) for s, n in zip(starts, lengths)]
+    assert chunk_texts(gpt, tokens, starts, lengths) == want
 
 
 def edge_texts(corpus_texts):
