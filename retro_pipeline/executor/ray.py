@@ -21,20 +21,48 @@ from retro_pipeline.stage import Block, Stage
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None):
     """Return the ``ray`` module, connected: reuse a running session, join ``address``, or start local Ray."""
+    if address:
+        _check_reachable(address)
+        _send_token_if_we_have_one()
     ray = require("ray", "ray")
     if ray.is_initialized():
         return ray
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True,
                           "logging_level": "warning"}
+    if not address:
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
+        return ray
     try:
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
+        ray.init(address=address, **kw)
     except ConnectionError as e:
         raise RetroError(f"--address {address}: cannot connect to a Ray cluster ({e}); check the address "
-                         f"(auto, host:port or ray://host:port) or leave it out to run locally") from None
+                         f"(auto, host:port or ray://host:port) and, for a cluster with token authentication, "
+                         f"RAY_AUTH_TOKEN; or leave --address out to run locally") from None
     return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a host:port where nothing listens (ray.init would retry for minutes)."""
+    import socket
+
+    if address == "auto" or ":" not in address:
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=10):
+            pass
+    except (OSError, ValueError) as e:
+        raise RetroError(f"--address {address}: no Ray cluster answers there ({e}); start one with "
+                         f"'ray start --head', check host and port, or leave --address out to run locally") from None
+
+
+def _send_token_if_we_have_one() -> None:
+    """A cluster started with `ray start` checks a token by default (Ray >= 2.59) that a driver sends only with
+    RAY_AUTH_MODE=token, read when ray is imported: when this machine has a token and no mode is chosen, send it."""
+    token_here = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+        os.path.exists(os.path.expanduser("~/.ray/auth_token"))
+    if token_here and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 class _StageWorker:
