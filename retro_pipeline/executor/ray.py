@@ -20,7 +20,11 @@ from retro_pipeline.stage import Block, Stage
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None):
-    """Return the ``ray`` module, connected: reuse a running session, join ``address``, or start local Ray."""
+    """Return the ``ray`` module, connected: reuse a running session, join ``address`` (or ``RAY_ADDRESS``, as
+    set inside a `ray job submit` job), or start a new local Ray."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return sys.modules["ray"]
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _check_reachable(address)
         _send_token_if_we_have_one()
@@ -29,8 +33,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
         return ray
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True,
                           "logging_level": "warning"}
-    if not address:
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
+    if not address:  # "local": never attach to whatever cluster this machine last ran
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
         return ray
     try:
         ray.init(address=address, **kw)
