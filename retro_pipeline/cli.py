@@ -16,7 +16,7 @@ from retro_pipeline.config import POOLINGS, SPLIT_MODES, BuildConfig, RunOptions
 from retro_pipeline.errors import RetroError
 
 BUILD_KEYS = {f.name for f in fields(BuildConfig)}
-RUN_KEYS = {f.name for f in fields(RunOptions)} - {"extra"}
+RUN_KEYS = {f.name for f in fields(RunOptions)}
 
 
 def stage_options(f):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from retro_pipeline.errors import RetroError
@@ -83,7 +83,6 @@ class RunOptions:
     batch_size: int = 128
     max_retries: int = 3
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def normalize_split(split: str) -> str:

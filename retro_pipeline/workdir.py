@@ -13,7 +13,6 @@ Layout (Megatron's where a format exists, see docs/formats.md)::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import os
 import shutil
@@ -91,9 +90,10 @@ class Workdir:
             )
         return merged, cfgmod.affected_stages(conflicts)
 
-    def store(self, cfg: cfgmod.BuildConfig, extra: dict[str, Any] | None = None) -> None:
-        d = {**self.stored(), **cfg.to_dict(), **(extra or {})}
-        write_json(self.config_path, d)
+    def store(self, cfg: cfgmod.BuildConfig) -> None:
+        """Write the config, with each stage's fingerprint (a hash of the settings its outputs depend on)."""
+        fps = {s: cfg.fingerprint(keys) for s, keys in cfgmod.STAGE_KEYS.items()}
+        write_json(self.config_path, {**self.stored(), **cfg.to_dict(), "fingerprints": fps})
 
     def invalidate(self, stages: list[str], outputs: dict[str, list[Path]]) -> None:
         """Delete the markers and outputs of ``stages`` (used by --force)."""
@@ -139,7 +139,3 @@ def _show(v) -> str:
     if isinstance(v, (list, tuple)):
         return " ".join(str(x) for x in v)
     return repr(v)
-
-
-def config_replace(cfg: cfgmod.BuildConfig, **kw) -> cfgmod.BuildConfig:
-    return dataclasses.replace(cfg, **kw)
