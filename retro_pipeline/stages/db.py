@@ -28,12 +28,6 @@ from retro_pipeline.workdir import Workdir
 TEXT_BATCH = 16384  # chunks detokenized and re-tokenized per call
 
 
-def embedder_tokenizer_spec(cfg: BuildConfig) -> str | None:
-    from retro_pipeline.config import DEFAULT_EMBEDDER
-
-    return None if cfg.embedder == DEFAULT_EMBEDDER else cfg.embedder
-
-
 class DBBuildStage(Stage):
     name = "db-build"
     unit = "docs"
@@ -81,7 +75,7 @@ class DBBuildStage(Stage):
                 raise RetroError(f"{ds.prefix}.idx: the corpus has no documents; preprocess some text into it "
                                  f"or drop it from --data-path")
         load_gpt_tokenizer(self.cfg.gpt_tokenizer)
-        load_embedder_tokenizer(embedder_tokenizer_spec(self.cfg))
+        load_embedder_tokenizer(self.cfg.embedder_spec())
 
     def plan(self) -> list[Block]:
         blocks = []
@@ -106,13 +100,11 @@ class DBBuildStage(Stage):
 
         return {
             "gpt": load_gpt_tokenizer(self.cfg.gpt_tokenizer),
-            "bert_lengths": BertLengths(load_embedder_tokenizer(embedder_tokenizer_spec(self.cfg))),
+            "bert_lengths": BertLengths(load_embedder_tokenizer(self.cfg.embedder_spec())),
             "datasets": [IndexedDataset(p) for _, p in self.cfg.blend()],
         }
 
     def process(self, block: Block, state) -> dict[str, Any]:
-        import h5py  # noqa: F401  (fail early with a clear import error)
-
         ds = state["datasets"][block.meta["ds"]]
         gpt = state["gpt"]
         s, e = block.start, block.end

@@ -15,15 +15,11 @@ from typing import Any
 import numpy as np
 
 from retro_pipeline.chunks import chunk_texts
-from retro_pipeline.config import DEFAULT_EMBEDDER, BuildConfig
+from retro_pipeline.config import BuildConfig
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write
 from retro_pipeline.stage import Block, Stage, block_file_name, block_ranges, rows_per_block
 from retro_pipeline.workdir import Workdir
-
-
-def embedder_spec(cfg: BuildConfig) -> str | None:
-    return None if cfg.embedder == DEFAULT_EMBEDDER else cfg.embedder
 
 
 def load_encoder(cfg: BuildConfig, device=None, dtype=None, num_threads=None):
@@ -32,7 +28,7 @@ def load_encoder(cfg: BuildConfig, device=None, dtype=None, num_threads=None):
     from embedder import Encoder
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise
-    return Encoder.load(embedder_spec(cfg), pooling=cfg.pooling or None, device=device, dtype=dtype,
+    return Encoder.load(cfg.embedder_spec(), pooling=cfg.pooling or None, device=device, dtype=dtype,
                         num_threads=num_threads)
 
 
