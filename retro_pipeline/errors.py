@@ -2,11 +2,14 @@
 
 A :class:`RetroError` is an expected mistake (bad input, bad option, conflicting rerun). Its message is one
 line naming the file or option, the problem and the fix; the CLI prints it without a traceback and exits 2.
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. It derives from :class:`embedder.errors.UserError`, the
+embedder's own user-facing error, so that ``except UserError`` catches the mistakes of both packages.
 """
 
+from embedder.errors import UserError
 
-class RetroError(Exception):
+
+class RetroError(UserError):
     """An expected, user-facing error: one line saying what, where and how to fix it."""
 
 
