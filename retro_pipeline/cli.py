@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import functools
+import signal
 import sys
 from dataclasses import fields
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from retro_pipeline.config import POOLINGS, SPLIT_MODES, BuildConfig, RunOptions, load_config_file
-from retro_pipeline.errors import RetroError, UserError
+from retro_pipeline.errors import RetroError, StageFailed, UserError
 
 BUILD_KEYS = {f.name for f in fields(BuildConfig)}
 RUN_KEYS = {f.name for f in fields(RunOptions)}
@@ -33,28 +33,28 @@ def stage_options(f):
         click.option("--embedder", help="Encoder for chunk embeddings: a directory or hub id "
                                         "[default: the packaged all-MiniLM-L6-v2]."),
         click.option("--pooling", type=click.Choice(POOLINGS), help="Embedding pooling [default: the model's own, else mean]."),
-        click.option("--chunk-length", type=int, help="GPT tokens per chunk [default: 64]."),
+        click.option("--chunk-length", type=click.IntRange(min=1), help="GPT tokens per chunk [default: 64]."),
         click.option("--split", help="train,valid,test proportions of documents [default: 98,2,0]."),
         click.option("--split-mode", type=click.Choice(SPLIT_MODES),
                      help="random: seeded random split and index sample; megatron: document-order split and "
                           "first-N sample, as Megatron [default: random]."),
-        click.option("--seed", type=int, help="Seed of every random choice [default: 1234]."),
+        click.option("--seed", type=click.IntRange(min=0), help="Seed of every random choice [default: 1234]."),
         click.option("--index-ntrain", help="Chunks sampled to train the index, or 'auto' [default: auto]."),
-        click.option("--block-size", type=int, help="Rows per block file at most: the unit of work and of resume; "
+        click.option("--block-size", type=click.IntRange(min=1), help="Rows per block file at most: the unit of work and of resume; "
                                                     "small inputs are cut into about 64 blocks [default: 100000]."),
         click.option("--force", is_flag=True, help="Rebuild the stages whose settings changed instead of refusing."),
         click.option("--address", help="Ray cluster address (auto, host:port, ray://host:port); "
                                        "none starts a local Ray."),
         click.option("--executor", type=click.Choice(["ray", "local"]),
                      help="ray: a pool of Ray actors [default]; local: one process, no Ray (debugging)."),
-        click.option("--num-workers", type=int, help="Workers in the pool [default: from the cluster's CPUs/GPUs]."),
-        click.option("--cpus-per-worker", type=float, help="CPUs per worker [default: 1]."),
-        click.option("--gpus-per-worker", type=float, help="GPUs per embedding worker [default: 1 where the "
+        click.option("--num-workers", type=click.IntRange(min=1), help="Workers in the pool [default: from the cluster's CPUs/GPUs]."),
+        click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), help="CPUs per worker [default: 1]."),
+        click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per embedding worker [default: 1 where the "
                                                            "cluster has GPUs, else 0]."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Embedding device [default: cuda when present]."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
                      help="Embedding precision on CUDA [default: float16 on cuda, float32 on cpu]."),
-        click.option("--batch-size", type=int, help="Texts per encoder batch [default: 128]."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Texts per encoder batch [default: 128]."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
     ]
     for o in reversed(opts):
@@ -74,42 +74,69 @@ def split_options(kw: dict[str, Any]) -> tuple[str, dict, RunOptions, bool]:
     if unknown:
         raise RetroError(f"{cfile}: unknown option(s) {', '.join(sorted(unknown))}; see retro-pipeline build --help")
     opts.update({k: v for k, v in kw.items() if v is not None})
-    if "data_path" in opts:
-        from retro_pipeline.corpus import blend_to_list, parse_blend
-
-        opts["data_path"] = blend_to_list([(w, _abs(p)) for w, p in parse_blend(opts["data_path"])])
-    if opts.get("gpt_tokenizer") and _is_path(opts["gpt_tokenizer"]):
-        opts["gpt_tokenizer"] = _abs(opts["gpt_tokenizer"])
-    if opts.get("embedder") and _is_path(opts["embedder"]):
-        opts["embedder"] = _abs(opts["embedder"])
     run = RunOptions(progress=progress, **{k: v for k, v in opts.items() if k in RUN_KEYS})
     return workdir, {k: v for k, v in opts.items() if k in BUILD_KEYS}, run, force
 
 
-def _abs(p: str) -> str:
-    import os
-
-    return os.path.abspath(os.path.expanduser(str(p)))
-
-
-def _is_path(p: str) -> bool:
-    import os
-
-    return os.path.exists(os.path.expanduser(str(p)))
-
-
 def errors_as_messages(f):
-    @functools.wraps(f)
-    def wrapper(*a, **kw):
+    """Commands raise; :class:`RetroCLI` turns expected errors into one line (kept for command modules)."""
+    return f
+
+
+class RetroCLI(click.Group):
+    """The command group; expected errors of any command end as one ``error:`` line, never a traceback.
+
+    Usage errors (a bad option value), user errors (:class:`UserError`) and stage failures print one line
+    and exit 2 (1 for a stage failure, whose traceback goes to the log). SIGTERM and Ctrl-C stop the run
+    with one line saying that the same command resumes it.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from retro_pipeline.logs import setup_logging
+
+        setup_logging()
+        previous = signal.signal(signal.SIGTERM, _sigterm)
         try:
-            return f(*a, **kw)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            return _stop("interrupted; run the same command again to resume", 130, standalone_mode)
+        except _Terminated:
+            return _stop("terminated (SIGTERM); run the same command again to resume", 143, standalone_mode)
+        except KeyboardInterrupt:
+            return _stop("interrupted; run the same command again to resume", 130, standalone_mode)
+        except click.ClickException as e:
+            cmd = " ".join(a for a in (prog_name or "retro-pipeline", *(sys.argv[1:2] if args is None else args[:1])))
+            return _stop(f"{e.format_message()} (see '{cmd} --help')", e.exit_code, standalone_mode)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-    return wrapper
+            return _stop(str(e), 2, standalone_mode)
+        except StageFailed as e:
+            from retro_pipeline.logs import current_log_file
+
+            where = current_log_file()
+            return _stop(f"{e}" + (f" (traceback in {where})" if where else ""), 1, standalone_mode)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Terminated(Exception):
+    pass
+
+
+def _sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _stop(message: str, code: int, standalone: bool):
+    click.echo(f"error: {message}", err=True)
+    if standalone:
+        sys.exit(code)
+    return code
+
+
+@click.group(cls=RetroCLI, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="retro-pipeline")
 def cli():
     """RETRO retrieval preprocessing on Ray: corpora → chunk database → embeddings (→ index → neighbors).
@@ -129,7 +156,11 @@ def _run(stages, kw, demo_ok=False):
     if demo_ok and "data_path" not in given and not Workdir(workdir).stored().get("data_path"):
         from retro_pipeline.demo import build_demo_corpus
 
-        prefix = build_demo_corpus(str(Workdir(workdir).root / "demo_corpus"))
+        try:
+            prefix = build_demo_corpus(str(Workdir(workdir).root / "demo_corpus"))
+        except OSError as e:
+            raise RetroError(f"{Workdir(workdir).root}: cannot write the demo corpus there ({e.strerror}); "
+                             f"pass a --workdir in a directory you can write to") from None
         click.echo(f"no --data-path given: using the demo corpus {prefix} (Python standard library docs, "
                    f"GPT-2 BPE)", err=True)
         given["data_path"] = ["1", str(prefix)]
@@ -178,7 +209,9 @@ def status(workdir):
     from retro_pipeline.pipeline import status as get_status
 
     for name, st in get_status(workdir).items():
-        if st["state"] == "done":
+        if st.get("stale"):
+            click.echo(f"{name:15s} stale      built from inputs that changed since: {st['stale']}")
+        elif st["state"] == "done":
             click.echo(f"{name:15s} done       {st.get('blocks', 0)} blocks, {st.get('seconds', 0):.1f} s {_counts(st)}")
         elif st["state"] == "partial":
             click.echo(f"{name:15s} partial    {st['blocks_done']} of {st['blocks_total']} blocks")

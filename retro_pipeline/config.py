@@ -85,7 +85,6 @@ class RunOptions:
     device: str | None = None
     dtype: str | None = None
     batch_size: int = 128
-    max_retries: int = 3
     progress: bool = True
 
 

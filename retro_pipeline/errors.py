@@ -13,6 +13,11 @@ class RetroError(UserError):
     """An expected, user-facing error: one line saying what, where and how to fix it."""
 
 
+class StageFailed(Exception):
+    """Stage code raised an unexpected exception (a bug, or data the code did not foresee). It would fail the
+    same way again, so it is not retried: the run stops with this one-line summary; the traceback is logged."""
+
+
 class DependencyError(RetroError):
     """An optional dependency is missing; the message names the extra to install."""
 

@@ -1,14 +1,13 @@
 """Atomic file writes, completion markers and small HDF5 helpers.
 
 Every output is written as ``name.tmp-<pid>`` beside its target, flushed, fsynced and moved into place with
-``os.replace``; a completion marker (counts + checksum) is written last. A crash therefore never leaves a
+``os.replace``; a completion marker (counts and size) is written last. A crash therefore never leaves a
 file that looks complete, and a stage's start sweeps the stale temporaries a crash left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -71,17 +70,6 @@ def read_json(path: str | os.PathLike, default=None):
             return json.load(f)
     except FileNotFoundError:
         return default
-
-
-def file_checksum(path: str | os.PathLike, algo: str = "sha256", bufsize: int = 1 << 22) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while True:
-            buf = f.read(bufsize)
-            if not buf:
-                break
-            h.update(buf)
-    return f"{algo}:{h.hexdigest()}"
 
 
 def sweep_temporaries(*dirs: str | os.PathLike) -> int:

@@ -90,10 +90,16 @@ class Workdir:
             )
         return merged, cfgmod.affected_stages(conflicts)
 
-    def store(self, cfg: cfgmod.BuildConfig) -> None:
-        """Write the config, with each stage's fingerprint (a hash of the settings its outputs depend on)."""
+    def store(self, cfg: cfgmod.BuildConfig, inputs: bool = False) -> None:
+        """Write the config, with each stage's fingerprint (a hash of the settings its outputs depend on) and,
+        with ``inputs``, a new record of the input files (see :mod:`retro_pipeline.fingerprints`)."""
         fps = {s: cfg.fingerprint(keys) for s, keys in cfgmod.STAGE_KEYS.items()}
-        write_json(self.config_path, {**self.stored(), **cfg.to_dict(), "fingerprints": fps})
+        stored = self.stored()
+        if inputs or "inputs" not in stored:
+            from retro_pipeline.fingerprints import record_inputs
+
+            stored["inputs"] = record_inputs(cfg)
+        write_json(self.config_path, {**stored, **cfg.to_dict(), "fingerprints": fps})
 
     def invalidate(self, stages: list[str], outputs: dict[str, list[Path]]) -> None:
         """Delete the markers and outputs of ``stages`` (used by --force)."""
@@ -109,8 +115,12 @@ class Workdir:
     @contextlib.contextmanager
     def lock(self):
         """Hold an exclusive lock so that two builds never write one workdir at once."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise RetroError(f"{self.root}: cannot create or write the workdir ({e.strerror}); pass a --workdir "
+                             f"in a directory you can write to") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

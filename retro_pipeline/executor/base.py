@@ -1,28 +1,30 @@
 """Running a stage: skip finished blocks, process the rest on an executor, finalize once, mark done.
 
-The executor owns everything around the stage code: completion markers (written last, with counts and a
-checksum of the block file), retries, progress bars and timing. A block is done when its marker exists
+The executor owns everything around the stage code: completion markers (written last, with counts and the
+block file's size), retries of lost workers, progress bars and timing. A block is done when its marker exists
 and its file has the size the marker records; anything else is recomputed, so a run killed at any moment
 and started again gives the same outputs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from retro_pipeline.errors import RetroError
-from retro_pipeline.io import file_checksum, read_json, sweep_temporaries, write_json
+from retro_pipeline.errors import StageFailed, UserError
+from retro_pipeline.io import read_json, sweep_temporaries, write_json
 from retro_pipeline.stage import Block, Stage
+
+log = logging.getLogger(__name__)
 
 OnResult = Callable[[Block, dict], None]
 
-# Retries for failures of the machinery (a lost worker or node) and for unexpected exceptions in stage
-# code; a RetroError (bad input data) is never retried.
+# Retries for failures of the machinery (a lost worker, actor or node). An exception raised by stage code
+# is never retried: it would fail the same way again.
 INFRA_RETRIES = 10
 
 
@@ -35,7 +37,7 @@ def run_block(stage: Stage, block: Block, state: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     counts = stage.process(block, state) or {}
     size = os.path.getsize(block.path)
-    return {"block": block.name, "path": block.path, "bytes": size, "checksum": file_checksum(block.path),
+    return {"block": block.name, "path": block.path, "bytes": size,
             "counts": counts, "seconds": round(time.perf_counter() - t0, 3), "host": os.uname().nodename}
 
 
@@ -56,8 +58,7 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, max_retries: int = 3, num_threads: int | None = None):
-        self.max_retries = max_retries
+    def __init__(self, num_threads: int | None = None):
         self.num_threads = num_threads
 
     def run(self, stage: Stage, blocks: list[Block], on_result: OnResult) -> None:
@@ -65,34 +66,29 @@ class LocalExecutor:
             return
         state = stage.setup({"num_cpus": self.num_threads or os.cpu_count() or 1, "num_gpus": 0})
         for block in blocks:
-            for attempt in range(self.max_retries + 1):
-                try:
-                    result = run_block(stage, block, state)
-                    break
-                except RetroError:
-                    raise
-                except Exception:
-                    if attempt == self.max_retries:
-                        raise
-                    print(f"[{stage.name}] block {block.name} failed (attempt {attempt + 1}), retrying:\n"
-                          f"{traceback.format_exc()}", file=sys.stderr)
+            try:
+                result = run_block(stage, block, state)
+            except UserError:
+                raise
+            except Exception as e:  # stage code: it would fail the same way again
+                log.debug("[%s] block %s failed", stage.name, block.name, exc_info=True)
+                raise StageFailed(f"[{stage.name}] block {block.name} failed: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
             on_result(block, result)
 
 
-def run_stage(stage: Stage, markers_dir: Path, executor, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_stage(stage: Stage, markers_dir: Path, executor, progress: bool = True) -> dict[str, Any]:
     """Run ``stage`` to completion with ``executor``; returns the done marker's content."""
-    log = log or (lambda s: print(s, file=sys.stderr))
     done_path = markers_dir / "_done.json"
     done = read_json(done_path)
     if done is not None and all(p.exists() for p in stage.final_outputs()):
-        log(f"[{stage.name}] already done")
+        log.info("[%s] already done", stage.name)
         return done
     t0 = time.perf_counter()
     stage.check()
     swept = sweep_temporaries(*stage.output_dirs())
     if swept:
-        log(f"[{stage.name}] removed {swept} temporary file(s) left by an interrupted run")
+        log.info("[%s] removed %d temporary file(s) left by an interrupted run", stage.name, swept)
     blocks = stage.plan()
     names = [b.name for b in blocks]
     if len(set(names)) != len(names):
@@ -109,7 +105,7 @@ def run_stage(stage: Stage, markers_dir: Path, executor, progress: bool = True,
         else:
             results[b.name] = m
     if results:
-        log(f"[{stage.name}] resuming: {len(results)} of {len(blocks)} blocks already done")
+        log.info("[%s] resuming: %d of %d blocks already done", stage.name, len(results), len(blocks))
 
     bar = None
     if progress and todo:

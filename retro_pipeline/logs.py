@@ -1,0 +1,73 @@
+"""Messages go through ``logging``: one line each on stderr (above any progress bar), and everything, tracebacks
+included, into ``<workdir>/logs/<time>-<pid>.log`` once a command knows its workdir."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+_FILE_HANDLER: logging.FileHandler | None = None
+
+
+class _TqdmSafeHandler(logging.StreamHandler):
+    """Writes through tqdm when a bar is showing, so a message never lands in the middle of one."""
+
+    def emit(self, record):
+        try:
+            msg = self.format(record)
+            if "tqdm" in sys.modules:
+                from tqdm import tqdm
+
+                tqdm.write(msg, file=sys.stderr)
+            else:
+                sys.stderr.write(msg + "\n")
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+class _Format(logging.Formatter):
+    def format(self, record):
+        msg = record.getMessage()
+        return f"warning: {msg}" if record.levelno >= logging.WARNING else msg
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send ``retro_pipeline`` and ``embedder`` messages to stderr, one line each (idempotent)."""
+    for name in ("retro_pipeline", "embedder"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        if not any(isinstance(h, _TqdmSafeHandler) for h in logger.handlers):
+            h = _TqdmSafeHandler()
+            h.setLevel(level)
+            h.setFormatter(_Format())
+            logger.addHandler(h)
+        logger.propagate = False
+
+
+def attach_workdir_log(root: str | os.PathLike) -> Path | None:
+    """Also log everything (DEBUG, with tracebacks) to a new file under ``<root>/logs``; returns its path."""
+    global _FILE_HANDLER
+    path = Path(root) / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path)
+    except OSError:
+        return None
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("retro_pipeline", "embedder"):
+        logger = logging.getLogger(name)
+        if _FILE_HANDLER is not None:
+            logger.removeHandler(_FILE_HANDLER)
+        logger.addHandler(handler)
+    if _FILE_HANDLER is not None:
+        _FILE_HANDLER.close()
+    _FILE_HANDLER = handler
+    return path
+
+
+def current_log_file() -> str | None:
+    return _FILE_HANDLER.baseFilename if _FILE_HANDLER is not None else None
