@@ -8,6 +8,7 @@ A :class:`~retro_pipeline.errors.RetroError` raised by stage code (bad input dat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -39,31 +40,52 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
         return ray
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True,
                           "logging_level": "warning"}
-    if not address:  # "local": never attach to whatever cluster this machine last ran
-        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
-        return ray
-    try:
-        ray.init(address=address, **kw)
-    except ConnectionError as e:
-        raise RetroError(f"--address {address}: cannot connect to a Ray cluster ({e}); check the address "
-                         f"(auto, host:port or ray://host:port) and, for a cluster with token authentication, "
-                         f"RAY_AUTH_TOKEN; or leave --address out to run locally") from None
+    with _keep_sigterm_handler():
+        if not address:  # "local": never attach to whatever cluster this machine last ran
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
+            return ray
+        try:
+            ray.init(address=address, **kw)
+        except ConnectionError as e:
+            raise RetroError(f"--address {address}: cannot connect to a Ray cluster ({e}); check the address "
+                             f"(auto, host:port or ray://host:port) and, for a cluster with token authentication, "
+                             f"RAY_AUTH_TOKEN; or leave --address out to run locally") from None
     return ray
 
 
-CLUSTER_FILE = "/tmp/ray/ray_current_cluster"  # where `ray start --head` records the cluster it started
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init installs a fatal-signal handler that prints stack lines on SIGTERM; keep the caller's own."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def cluster_file() -> str:
+    """Where `ray start --head` records the cluster it started (under RAY_TMPDIR, as Ray itself reads it)."""
+    return os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp/ray", "ray_current_cluster")
+
+
+
 CONNECT_TIMEOUT_S = 5.0
 
 
 def _follow_auto(address: str) -> str:
     """The host:port that ``--address auto`` means: the one `ray start` last wrote on this machine."""
     try:
-        with open(CLUSTER_FILE) as f:
+        with open(cluster_file()) as f:
             found = f.read().strip()
     except OSError:
         found = ""
     if not found:
-        raise RetroError(f"--address auto: no Ray cluster was started on this machine ({CLUSTER_FILE} is "
+        raise RetroError(f"--address auto: no Ray cluster was started on this machine ({cluster_file()} is "
                          f"missing); start one with 'ray start --head', give host:port, or leave --address "
                          f"out to run locally")
     return found
@@ -80,7 +102,7 @@ def _check_reachable(address: str, given: str) -> None:
         with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except (OSError, ValueError) as e:
-        where = f" (the cluster recorded in {CLUSTER_FILE}, which a stopped cluster leaves behind)" \
+        where = f" (the cluster recorded in {cluster_file()}, which a stopped cluster leaves behind)" \
             if given == "auto" else ""
         raise RetroError(f"--address {given}: no Ray cluster answers at {address}{where} ({e}); start one with "
                          f"'ray start --head', check host and port, or leave --address out to run locally") from None
