@@ -200,3 +200,23 @@ def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, gpt_tokenizer_path,
     one_line_error(err, "SIGTERM", "again to resume")
     r, _ = cli_run(["db-build", "--workdir", str(wd), "--no-progress", "--executor", "local"])
     assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+
+
+def test_blend_weights_are_kept_by_the_auto_sample(tmp_path, gpt_tokenizer_path, bert_dir, corpus_texts):
+    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
+    enc = [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:80])]
+    small, big = str(tmp_path / "small"), str(tmp_path / "big")
+    write_indexed_dataset(small, enc[:10], np.uint16)
+    write_indexed_dataset(big, enc[10:80], np.uint16)
+    wd = tmp_path / "w"
+    r = CliRunner().invoke(cli, db_args(wd, f"0.7 {small} 0.3 {big}", gpt_tokenizer_path, bert_dir,
+                                        "--split", "100,0,0"))
+    assert r.exit_code == 0, r.output
+    infos = json.loads((wd / "db" / "indexed_dataset_infos.json").read_text())
+    a, b = (d["n_chunks_sampled"] for d in infos)
+    assert infos[0]["n_chunks_train"] - 1 <= a <= infos[0]["n_chunks_train"] and abs(a / (a + b) - 0.7) < 0.01, (a, b)
+    assert "warning: index-training sample" in r.stderr and small in r.stderr
+    r = CliRunner().invoke(cli, db_args(tmp_path / "w2", f"0.7 {small} 0.3 {big}", gpt_tokenizer_path, bert_dir,
+                                        "--split", "100,0,0", "--index-ntrain", str(10 * (a + b))))
+    assert r.exit_code == 2
+    one_line_error(r.stderr, "--index-ntrain", small)

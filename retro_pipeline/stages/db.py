@@ -12,6 +12,7 @@ the first chunks as the sample, as Megatron did, chunk for chunk.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write, write_json
 from retro_pipeline.stage import Block, Stage, block_file_name, block_ranges, rows_per_block
 from retro_pipeline.workdir import Workdir
+
+log = logging.getLogger(__name__)
 
 TEXT_BATCH = 16384  # chunks detokenized and re-tokenized per call
 
@@ -192,14 +195,20 @@ class DBBuildStage(Stage):
         auto = cfg.index_ntrain == "auto"
         ntrain = sizing.auto_ntrain(n_train_total) if auto else int(cfg.index_ntrain)
         ratio_sum = sum(r for r, _ in blend)
+        # The largest sample whose shares follow the blend weights exactly.
+        fits = min(int(d["n_chunks_train"] * ratio_sum / d["ratio"]) for d in infos)
+        if ntrain > fits:
+            limit = min(infos, key=lambda d: d["n_chunks_train"] * ratio_sum / d["ratio"])
+            if not auto:
+                raise RetroError(f"--index-ntrain {ntrain}: {limit['prefix']} (weight {limit['ratio']:g}) has only "
+                                 f"{limit['n_chunks_train']} train chunks, too few for its share; lower "
+                                 f"--index-ntrain to {fits} or less, lower its weight, or use auto")
+            log.warning("index-training sample: %d chunks instead of %d, so that its shares follow the blend "
+                        "weights: %s (weight %g) has only %d train chunks", fits, ntrain, limit["prefix"],
+                        limit["ratio"], limit["n_chunks_train"])
+            ntrain = fits
         for d in infos:
-            k = int(ntrain * d["ratio"] / ratio_sum)
-            if k > d["n_chunks_train"]:
-                if not auto:
-                    raise RetroError(f"--index-ntrain {ntrain}: {d['prefix']} must give {k} sampled chunks but "
-                                     f"has only {d['n_chunks_train']} train chunks; lower --index-ntrain or use auto")
-                k = d["n_chunks_train"]
-            d["n_chunks_sampled"] = k
+            d["n_chunks_sampled"] = min(int(ntrain * d["ratio"] / ratio_sum), d["n_chunks_train"])
 
         # Pass 2: stream the blocks into the merged files.
         n_valid_total = sum(d["n_chunks"] - d["n_chunks_train"] for d in infos)
