@@ -178,7 +178,6 @@ def _counts(d: dict) -> str:
 
 @cli.command()
 @stage_options
-@errors_as_messages
 def build(**kw):
     """Run every stage in order (db-build, then embedding of the index-training sample)."""
     _run(["db-build", "embed-sampled"], kw, demo_ok=True)
@@ -187,23 +186,24 @@ def build(**kw):
 
 @cli.command("db-build")
 @stage_options
-@errors_as_messages
 def db_build(**kw):
     """Chunk the corpora into db/individual blocks and db/merged/{train,sampled,valid}.hdf5."""
     _run(["db-build"], kw)
 
 
-@cli.command()
+@cli.command("embed-sampled")
 @stage_options
-@errors_as_messages
-def embed(**kw):
+def embed_sampled(**kw):
     """Embed the index-training sample (db/merged/sampled.hdf5) into embed/sampled/ blocks."""
     _run(["embed-sampled"], kw)
 
 
+cli.add_command(click.Command("embed", params=embed_sampled.params, callback=embed_sampled.callback, hidden=True,
+                              help="Old name of embed-sampled."))
+
+
 @cli.command()
 @click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False))
-@errors_as_messages
 def status(workdir):
     """Per stage: done, partial (blocks done of total) or not started."""
     from retro_pipeline.pipeline import status as get_status

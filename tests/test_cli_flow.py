@@ -33,7 +33,7 @@ def test_text_to_embeddings(tmp_path, corpus_texts, tiny_bert_dir):
                    f"chunk_length: 32\nexecutor: local\nbatch_size: 8\n")
     r = invoke("db-build", "--workdir", str(wd), "--config", str(cfg), "--no-progress")
     assert "db-build: done" in r.output
-    r = invoke("embed", "--workdir", str(wd), "--executor", "local", "--no-progress")
+    r = invoke("embed-sampled", "--workdir", str(wd), "--executor", "local", "--no-progress")
     assert "embed-sampled: done" in r.output
     with h5py.File(wd / "db" / "merged" / "sampled.hdf5", "r") as f:
         n = len(f["chunks"])

@@ -220,3 +220,12 @@ def test_blend_weights_are_kept_by_the_auto_sample(tmp_path, gpt_tokenizer_path,
                                         "--split", "100,0,0", "--index-ntrain", str(10 * (a + b))))
     assert r.exit_code == 2
     one_line_error(r.stderr, "--index-ntrain", small)
+
+
+def test_example_config_runs_offline(tmp_path):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r, _ = cli_run(["build", "--workdir", str(tmp_path / "w"), "--config", os.path.join(root, "examples", "build.yaml"),
+                    "--index-ntrain", "64", "--no-progress"], timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "embed-sampled: done" in r.stdout
