@@ -27,6 +27,7 @@ from retro_pipeline.io import read_json, write_json
 class Workdir:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).absolute()
+        self._stored: dict[str, Any] | None = None
 
     # ---- paths
     @property
@@ -62,10 +63,17 @@ class Workdir:
 
     # ---- config
     def stored(self) -> dict[str, Any]:
-        d = read_json(self.config_path, default={})
-        if not isinstance(d, dict):
-            raise RetroError(f"{self.config_path}: not a JSON object; restore it or use a new --workdir")
-        return d
+        """The content of config.json ({} before the first run), read once per Workdir object."""
+        if self._stored is None:
+            try:
+                d = read_json(self.config_path, default={})
+            except ValueError as e:
+                raise RetroError(f"{self.config_path}: not valid JSON ({e}); restore it or use a new "
+                                 f"--workdir") from None
+            if not isinstance(d, dict):
+                raise RetroError(f"{self.config_path}: not a JSON object; restore it or use a new --workdir")
+            self._stored = d
+        return dict(self._stored)
 
     def resolve(self, given: dict[str, Any], force: bool = False) -> tuple[cfgmod.BuildConfig, list[str]]:
         """Merge ``given`` options over the stored config over defaults.
@@ -99,7 +107,8 @@ class Workdir:
             from retro_pipeline.fingerprints import record_inputs
 
             stored["inputs"] = record_inputs(cfg)
-        write_json(self.config_path, {**stored, **cfg.to_dict(), "fingerprints": fps})
+        self._stored = {**stored, **cfg.to_dict(), "fingerprints": fps}
+        write_json(self.config_path, self._stored)
 
     def invalidate(self, stages: list[str], outputs: dict[str, list[Path]]) -> None:
         """Delete the markers and outputs of ``stages`` (used by --force)."""
