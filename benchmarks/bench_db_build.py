@@ -66,7 +66,8 @@ def main():
     from retro_pipeline.corpus import IndexedDataset, IndexedDatasetWriter
     from retro_pipeline.demo import build_demo_corpus
     from retro_pipeline.pipeline import run_stages
-    from retro_pipeline.tokenizers import default_embedder_path, load_embedder_tokenizer, load_gpt_tokenizer
+    from embedder.settings import default_model_path
+    from retro_pipeline.tokenizers import load_embedder_tokenizer, load_gpt_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="bench_db_")
     src = IndexedDataset(build_demo_corpus(os.path.join(tmp, "corpus"), max_docs=args.max_docs, include_source=True))
@@ -102,7 +103,7 @@ def main():
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     hf_gpt = PreTrainedTokenizerFast(tokenizer_object=gpt.tokenizer)
-    hf_bert = AutoTokenizer.from_pretrained(str(default_embedder_path()))
+    hf_bert = AutoTokenizer.from_pretrained(default_model_path())
     t, (v_hf, _) = timed(lambda: naive_loop(ds, gpt.eod_id, 64, lambda ids: hf_gpt.decode(ids, skip_special_tokens=True),
                                             lambda text: hf_bert.convert_tokens_to_ids(hf_bert.tokenize(text))),
                          args.repeats)

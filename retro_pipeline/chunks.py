@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from retro_pipeline import arrays
+
 
 def doc_lengths_without_eod(tokens: np.ndarray, offsets: np.ndarray, eod: int) -> np.ndarray:
     """Lengths of the documents ``tokens[offsets[i]:offsets[i+1]]`` after dropping one trailing EOD."""
@@ -32,7 +34,7 @@ def chunk_spans(doc_lengths: np.ndarray, chunk_length: int) -> tuple[np.ndarray,
     doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
     n_per_doc = (doc_lengths + chunk_length - 1) // chunk_length
     doc_index = np.repeat(np.arange(len(doc_lengths), dtype=np.int64), n_per_doc)
-    first = np.cumsum(n_per_doc) - n_per_doc
+    first = arrays.offsets(n_per_doc)[:-1]
     within = np.arange(len(doc_index), dtype=np.int64) - np.repeat(first, n_per_doc)
     start = within * chunk_length
     end = np.minimum(start + chunk_length, doc_lengths[doc_index])
@@ -80,8 +82,7 @@ class BertLengths:
 
     def _special_hits(self, simple: list[int], texts: list[str], low: str) -> set[int]:
         """Positions in ``simple`` of texts that contain a special token's text (any case)."""
-        starts = np.zeros(len(simple), dtype=np.int64)
-        np.cumsum([len(texts[i]) + 3 for i in simple[:-1]], out=starts[1:])
+        starts = arrays.offsets([len(texts[i]) + 3 for i in simple])[:-1]  # where each text starts in ``low``
         hit = set()
         for sp in self.specials:
             pos = low.find(sp)
@@ -118,16 +119,10 @@ class BertLengths:
         v = np.array(vals, dtype=np.int64)
         seps = np.flatnonzero(v < 0)
         v[seps] = 0
-        csum = np.zeros(len(v) + 1, dtype=np.int64)
-        np.cumsum(v, out=csum[1:])
+        csum = arrays.offsets(v)
         out = np.zeros(len(texts), dtype=np.int64)
         if simple:
             out[simple] = csum[np.append(seps, len(v))] - csum[np.insert(seps + 1, 0, 0)]
         rest = np.setdiff1d(np.arange(len(texts)), simple)
         out[rest] = self._rust([texts[i] for i in rest])
         return out
-
-
-def bert_lengths(bert_tokenizer, texts: list[str]) -> np.ndarray:
-    """Embedder-token count of each text (no special tokens, no truncation); see :class:`BertLengths`."""
-    return BertLengths(bert_tokenizer)(texts)

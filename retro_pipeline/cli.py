@@ -78,11 +78,6 @@ def split_options(kw: dict[str, Any]) -> tuple[str, dict, RunOptions, bool]:
     return workdir, {k: v for k, v in opts.items() if k in BUILD_KEYS}, run, force
 
 
-def errors_as_messages(f):
-    """Commands raise; :class:`RetroCLI` turns expected errors into one line (kept for command modules)."""
-    return f
-
-
 class RetroCLI(click.Group):
     """The command group; expected errors of any command end as one ``error:`` line, never a traceback.
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retro_pipeline import arrays
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import fsync_dir, tmp_path
 
@@ -46,12 +47,6 @@ def _strip_suffix(prefix: str | os.PathLike) -> str:
         if prefix.endswith(suffix) and not Path(prefix + ".idx").exists():
             return prefix[: -len(suffix)]
     return prefix
-
-
-def _cumsum_exclusive(lengths: np.ndarray, scale: int = 1) -> np.ndarray:
-    out = np.zeros(len(lengths), dtype=np.int64)
-    np.cumsum(lengths[:-1], dtype=np.int64, out=out[1:])
-    return out * scale if scale != 1 else out
 
 
 class IndexedDataset:
@@ -130,17 +125,18 @@ class IndexedDataset:
         if len(di) > 1 and (np.diff(di) < 0).any():
             raise self._bad(self.idx_path, "bad document_indices: not non-decreasing")
         start = 0
-        for i in range(0, n, _BLOCK):  # bounded memory: pointers == exclusive cumsum of lengths * itemsize
+        for i in range(0, n, _BLOCK):  # bounded memory: pointers == starts of the lengths * itemsize
             ln = lengths[i:i + _BLOCK].astype(np.int64)
             if (ln < 0).any():
                 raise self._bad(self.idx_path, f"negative sequence length near sequence {i}")
-            expect = start + _cumsum_exclusive(ln, item)
+            bounds = start + arrays.offsets(ln) * item
+            expect = bounds[:-1]
             bad = np.flatnonzero(expect != pointers[i:i + _BLOCK])
             if len(bad):
                 j = i + int(bad[0])
                 raise self._bad(self.idx_path, f"sequence pointers do not match the lengths (sequence {j}: "
                                                f"pointer {pointers[j]}, expected {expect[bad[0]]})")
-            start = int(expect[-1] + ln[-1] * item)
+            start = int(bounds[-1])
         if self._bin_size != start:
             raise self._bad(self.bin_path, f"size is {self._bin_size} bytes but {self.idx_path} describes "
                                            f"{start} bytes ({self.num_tokens} tokens of {self.dtype}); the "
@@ -191,13 +187,6 @@ class IndexedDataset:
             return [self.get(j) for j in range(*i.indices(self._n))]
         return self.get(int(i))
 
-    def max_token(self) -> int:
-        """Largest token id in the corpus (-1 when empty), scanned in blocks with bounded memory."""
-        best = -1
-        for i in range(0, self.tokens.size, _BLOCK * 4):
-            best = max(best, int(self.tokens[i:i + _BLOCK * 4].max()))
-        return best
-
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}, sequences={self._n}, dtype={self.dtype})"
 
@@ -214,12 +203,32 @@ class IndexedDatasetWriter:
         if self.dtype not in DTYPE_CODES:
             raise RetroError(f"{self.prefix}: dtype {self.dtype} cannot be stored in an indexed dataset "
                              f"(use one of {sorted(str(np.dtype(v)) for v in DTYPES.values())})")
+        if not self.prefix or self.prefix.endswith(("/", os.sep)):
+            raise RetroError(f"output prefix '{self.prefix}' names a directory, not a file name; pass "
+                             f"DIR/NAME to write DIR/NAME.bin and DIR/NAME.idx")
         self.bin_path, self.idx_path = Path(self.prefix + ".bin"), Path(self.prefix + ".idx")
-        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self._bin_tmp, self._idx_tmp = tmp_path(self.bin_path), tmp_path(self.idx_path)
-        self._bin = open(self._bin_tmp, "wb")
         self._lengths = array.array("q")
         self._done = False
+        try:
+            self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+            self._bin = open(self._bin_tmp, "wb")
+        except OSError as e:
+            raise self._unwritable(e) from None
+
+    def _unwritable(self, e: OSError) -> RetroError:
+        why = "a file is in the way, not a directory" if isinstance(e, FileExistsError) else e.strerror or e
+        where = f": {e.filename}" if e.filename else ""
+        return RetroError(f"output prefix {self.prefix}: cannot write {self.bin_path.name} and "
+                          f"{self.idx_path.name} there ({why}{where}); pass a prefix in a "
+                          f"directory you can write to")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as e:  # e.g. the disk is full
+            self.abort()
+            raise self._unwritable(e) from None
 
     def _cast(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
@@ -235,7 +244,7 @@ class IndexedDatasetWriter:
     def add_document(self, tokens) -> None:
         """Append one document (= one sequence); an empty one is allowed."""
         arr = self._cast(tokens)
-        self._bin.write(arr.tobytes())
+        self._write(arr.tobytes())
         self._lengths.append(arr.size)
 
     def add_documents(self, docs) -> None:
@@ -253,7 +262,7 @@ class IndexedDatasetWriter:
         if (lengths >= 2**31).any():
             raise RetroError(f"{self.bin_path}: a document has 2**31 tokens or more, which the format cannot "
                              f"store; split it into smaller documents")
-        self._bin.write(arr.tobytes())
+        self._write(arr.tobytes())
         self._lengths.frombytes(lengths.astype(np.int64).tobytes())
 
     def __len__(self) -> int:
@@ -265,27 +274,32 @@ class IndexedDatasetWriter:
             return self.prefix
         lengths = np.frombuffer(self._lengths, dtype=np.int64) if len(self._lengths) else np.zeros(0, np.int64)
         n = len(lengths)
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
-        os.replace(self._bin_tmp, self.bin_path)
-        with open(self._idx_tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], n, n + 1))
-            f.write(lengths.astype("<i4").tobytes())
-            f.write(_cumsum_exclusive(lengths, self.dtype.itemsize).astype("<i8").tobytes())
-            f.write(np.arange(n + 1, dtype="<i8").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._idx_tmp, self.idx_path)
-        fsync_dir(self.idx_path.parent)
+        try:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            with open(self._idx_tmp, "wb") as f:
+                f.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], n, n + 1))
+                f.write(lengths.astype("<i4").tobytes())
+                f.write((arrays.offsets(lengths)[:-1] * self.dtype.itemsize).astype("<i8").tobytes())
+                f.write(np.arange(n + 1, dtype="<i8").tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self._bin_tmp, self.bin_path)
+            os.replace(self._idx_tmp, self.idx_path)
+            fsync_dir(self.idx_path.parent)
+        except OSError as e:
+            self.abort()
+            raise self._unwritable(e) from None
         self._done = True
         return self.prefix
 
     def abort(self) -> None:
         """Drop everything written so far; the target is left as it was."""
-        self._bin.close()
+        with contextlib.suppress(OSError):
+            self._bin.close()
         for p in (self._bin_tmp, self._idx_tmp):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(p)
         self._done = True
 

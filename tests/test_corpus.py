@@ -75,7 +75,6 @@ def test_writer_streaming_api_and_bounds(tmp_path):
         assert len(w) == 5
     ds = IndexedDataset(tmp_path / "c.bin")  # a .bin/.idx suffix is forgiven
     assert [ds[i].tolist() for i in range(5)] == [[1, 2], [3], [], [4], [5, 6]]
-    assert ds.max_token() == 6
     with pytest.raises(IndexError):
         ds.get(5)
     with pytest.raises(IndexError):
@@ -88,7 +87,7 @@ def test_empty_corpus(tmp_path):
     write_indexed_dataset(tmp_path / "e", [], np.uint16)
     assert (tmp_path / "e.bin").stat().st_size == 0
     ds = IndexedDataset(tmp_path / "e")
-    assert len(ds) == 0 and ds.num_tokens == 0 and ds.tokens.size == 0 and ds.max_token() == -1
+    assert len(ds) == 0 and ds.num_tokens == 0 and ds.tokens.size == 0
     assert ds.sequence_offsets.tolist() == [0]
 
 
@@ -100,19 +99,50 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_unwritable_target_is_one_clear_error(tmp_path):
+    import errno
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RetroError, match=r"afile/c: cannot write c.bin and c.idx there \(a file is in the way, not a directory: "):
+        IndexedDatasetWriter(tmp_path / "afile" / "c")
+    with pytest.raises(RetroError, match="names a directory"):
+        IndexedDatasetWriter(f"{tmp_path}/")
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    with pytest.raises(RetroError, match=r"cannot write c.bin and c.idx there \(No space left on device\)"):
+        with IndexedDatasetWriter(tmp_path / "c", np.uint16) as w:
+            w._bin.close()
+            w._bin = Full()
+            w.add_documents([[1, 2, 3]])
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # temporaries removed, nothing that looks done
+
+
 def test_pickle_reopens(tmp_path):
     write_indexed_dataset(tmp_path / "c", [[1, 2], [3]], np.uint16)
     ds = pickle.loads(pickle.dumps(IndexedDataset(tmp_path / "c")))
     assert ds[1].tolist() == [3] and len(pickle.dumps(ds)) < 500
 
 
-def test_max_token_streams(tmp_path, monkeypatch):
+def test_validation_streams_in_blocks(tmp_path, monkeypatch):
     import retro_pipeline.corpus as corpus
 
     monkeypatch.setattr(corpus, "_BLOCK", 3)
-    docs = [np.arange(i, i + 7) for i in range(0, 70, 7)]
+    docs = [np.arange(i, i + i % 4) for i in range(10)]  # lengths 0..3, some empty, across block edges
     write_indexed_dataset(tmp_path / "c", docs, np.int32)
-    assert IndexedDataset(tmp_path / "c").max_token() == 69
+    assert (tmp_path / "c.idx").read_bytes() == hand_made_idx(4, [len(d) for d in docs], 4)
+    ds = IndexedDataset(tmp_path / "c")
+    assert [ds[i].tolist() for i in range(10)] == [d.tolist() for d in docs]
+    raw = bytearray((tmp_path / "c.idx").read_bytes())
+    struct.pack_into("<q", raw, 34 + 4 * 10 + 8 * 7, 999)  # pointer of sequence 7 (third block)
+    (tmp_path / "c.idx").write_bytes(bytes(raw))
+    with pytest.raises(RetroError, match=r"sequence 7: pointer 999, expected 36\)"):
+        IndexedDataset(tmp_path / "c")
 
 
 def test_float32_code_7_and_legacy_float64(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 
 from retro_pipeline.corpus import IndexedDataset
 from retro_pipeline.errors import RetroError
-from retro_pipeline.preprocess import iter_documents, iter_inputs, preprocess
+from retro_pipeline.inputs import iter_documents, iter_inputs
+from retro_pipeline.preprocess import preprocess
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
 TEXTS = ["Hello world", "Retrieval-enhanced transformers, café 日本", "a\nb\n\nc", "The end."]
@@ -147,3 +148,80 @@ def test_demo_corpus_is_deterministic_and_idempotent(tmp_path):
     assert read_docs(a)[-1] == expected_docs([texts[59]])[0]
     mtime = os.stat(a + ".idx").st_mtime_ns
     assert build_demo_corpus(tmp_path / "a", max_docs=60) == a and os.stat(a + ".idx").st_mtime_ns == mtime
+
+
+def test_small_input_with_workers_does_not_start_ray(tmp_path, monkeypatch):
+    import retro_pipeline.executor.ray as R
+
+    texts = [f"document {i} " * (i % 5) for i in range(50)]  # some empty
+    src = write_jsonl(tmp_path / "in.jsonl", texts)
+    s1 = preprocess([src], tmp_path / "w1", "gpt2", workers=1, batch_size=7, progress=False)
+    monkeypatch.setattr(R, "ensure_ray", lambda *a, **k: pytest.fail("Ray started for a small input"))
+    s4 = preprocess([src], tmp_path / "w4", "gpt2", workers=4, batch_size=7, shard_docs=30, progress=False)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"w1{ext}").read_bytes() == (tmp_path / f"w4{ext}").read_bytes()
+    assert s1["docs"] == s4["docs"] == 40 and s1["skipped_empty"] == s4["skipped_empty"] == 10
+
+
+@pytest.fixture()
+def bar_log(monkeypatch):
+    """Every progress bar preprocess makes: its total and each position it reached."""
+    import tqdm
+
+    bars = []
+
+    class Recorder(tqdm.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.seen = []
+            bars.append(self)
+
+        def update(self, n=1):
+            super().update(n)
+            self.seen.append(self.n)
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorder)
+    return bars
+
+
+def test_progress_counts_input_bytes_to_the_total(tmp_path, bar_log, ray_session):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"text number {i} " * (1 + i % 7) for i in range(300)]
+    write_jsonl(tmp_path / "a.jsonl", texts[:100])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in texts[100:200]) + "\n\n")
+    pq.write_table(pa.table({"text": texts[200:290]}), tmp_path / "c.parquet", row_group_size=30)
+    d = tmp_path / "dir"
+    d.mkdir()
+    for i, t in enumerate(texts[290:]):
+        (d / f"{i}.txt").write_text(t)
+    inputs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.parquet", d]
+    total = sum(os.path.getsize(p) for p in inputs[:3]) + sum(p.stat().st_size for p in d.iterdir())
+    for workers, shard in ((1, None), (2, 40)):
+        preprocess(inputs, tmp_path / f"out{workers}", "gpt2", workers=workers, batch_size=16, shard_docs=shard,
+                   progress=True)
+        bar = bar_log[-1]
+        assert bar.total == total and bar.n == total and bar.unit == "B"
+        assert len(bar.seen) > 3 and bar.seen == sorted(bar.seen) and max(bar.seen) <= total
+    assert (tmp_path / "out1.bin").read_bytes() == (tmp_path / "out2.bin").read_bytes()
+
+
+def test_inputs_position_and_kinds(tmp_path, corpus_texts):
+    from retro_pipeline.inputs import Inputs
+
+    d = tmp_path / "d"
+    d.mkdir()
+    write_jsonl(d / "a.ndjson", corpus_texts[:30])
+    (d / "b.rst").write_text("rst text")
+    (d / "c.csv").write_text("x,y")
+    reader = Inputs([d])
+    assert [p.name for p, _, _ in reader.files] == ["a.ndjson", "b.rst"] and [p.name for p in reader.skipped] == [
+        "c.csv"]
+    positions = []
+    for _ in reader:
+        positions.append(reader.position)
+    assert len(positions) == 31 and positions == sorted(positions) and positions[-1] == reader.total_bytes
+    assert positions[0] == len((d / "a.ndjson").read_bytes().split(b"\n")[0]) + 1
+    assert list(iter_inputs([d / "c.csv"])) == ["x,y"]  # named directly: read whatever the suffix

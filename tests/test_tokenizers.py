@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from retro_pipeline.errors import RetroError
-from retro_pipeline.tokenizers import (GPTTokenizer, _byte_decoder, _gpt2_files, default_embedder_path,
-                                       load_embedder_tokenizer, load_gpt_tokenizer, train_tokenizer)
+from embedder.settings import default_model_path
+from retro_pipeline.errors import UserError
+from retro_pipeline.tokenizers import (GPTTokenizer, _byte_decoder, _gpt2_files, load_embedder_tokenizer,
+                                       load_gpt_tokenizer, train_tokenizer)
 
 MIXED_TEXT = ["Hello world, naïve café — 日本語のテキスト 🙂🚀 Ünïcödé", "x" * 10, "", "\u00e9\u0301 ﷽ 𝔘𝔫𝔦"]
 
@@ -62,15 +65,93 @@ def test_gpt2_directories_and_files(tmp_path):
 
 
 def test_unknown_tokenizer_errors(tmp_path):
-    with pytest.raises(RetroError, match="no such file or directory"):
+    with pytest.raises(RetroError, match="no such file or directory; pass a tokenizer.json, a directory, or 'gpt2'"):
         load_gpt_tokenizer(str(tmp_path / "nope" / "tokenizer.json"))
-    with pytest.raises(RetroError, match=r"not loadable from the Hugging Face hub .*pass a tokenizer.json, a "
-                                         r"directory, or 'gpt2'"):
-        load_gpt_tokenizer("no-such-org/no-such-tokenizer")
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(RetroError, match="bad.json"):
         load_gpt_tokenizer(str(bad))
+
+
+def _no_transformers_call(monkeypatch):
+    import transformers
+
+    def fail(*a, **k):
+        raise AssertionError("the hub was tried although it cannot be reached")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+
+
+@pytest.mark.parametrize("offline", ["env", "endpoint"])
+def test_unreachable_hub_fails_at_once(monkeypatch, offline):
+    if offline == "endpoint":
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    _no_transformers_call(monkeypatch)
+    reason = "HF_HUB_OFFLINE=1 is set" if offline == "env" else "127.0.0.1:9 does not answer"
+    with pytest.raises(RetroError) as e:
+        load_gpt_tokenizer("gpt-2")
+    msg = str(e.value)
+    assert msg.startswith("tokenizer 'gpt-2' is not a file or directory, and the Hugging Face hub cannot be "
+                          "reached to fetch it (") and reason in msg
+    assert msg.endswith("; pass a tokenizer.json, a directory, or 'gpt2' for the packaged GPT-2 BPE")
+    with pytest.raises(UserError) as e:  # the embedder's tokenizer: the fix is the packaged model, not gpt2
+        load_embedder_tokenizer("some-org/some-bert")
+    assert "'some-org/some-bert'" in str(e.value) and reason in str(e.value) and "gpt2" not in str(e.value)
+    assert "leave --embedder out for the packaged all-MiniLM-L6-v2" in str(e.value)
+
+
+def test_hub_in_local_cache_is_not_checked(monkeypatch):
+    import embedder.settings as S
+    import transformers
+
+    class Backend:
+        backend_tokenizer = "from the cache"
+
+    monkeypatch.setattr(S, "in_hub_cache", lambda spec: spec == "org/cached")
+    monkeypatch.setattr(S, "hub_problem", lambda *a: pytest.fail("hub checked for a cached id"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda spec: Backend())
+    from retro_pipeline.tokenizers import _load_tokenizer_object
+
+    assert _load_tokenizer_object("org/cached", "tokenizer") == "from the cache"
+
+
+def test_hub_failure_keeps_the_whole_first_line(monkeypatch):
+    import embedder.settings as S
+    import transformers
+
+    first = ("gpt-2 is not a local folder and is not a valid model identifier listed on "
+             "'https://huggingface.co/models/some/really/long/path/that/goes/on/and/on/past/two/hundred/characters"
+             "/of/message/text/so/that/a/cut/at/a/character/count/would/lose/the/end/of/it'")
+    monkeypatch.setattr(S, "in_hub_cache", lambda spec: False)
+    monkeypatch.setattr(S, "hub_problem", lambda *a: None)
+
+    def fail(spec):
+        raise OSError(first + "\nIf this is a private repository, make sure to pass a token")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(RetroError) as e:
+        load_gpt_tokenizer("gpt-2")
+    msg = str(e.value)
+    assert f"(OSError: {first});" in msg and "\n" not in msg and "private repository" not in msg
+    assert msg.endswith("or 'gpt2' for the packaged GPT-2 BPE")
+    with pytest.raises(RetroError) as e:
+        load_embedder_tokenizer("gpt-2")
+    assert first in str(e.value) and "leave --embedder out for the packaged all-MiniLM-L6-v2" in str(e.value)
+
+
+def test_embedder_tokenizer_specs(monkeypatch, tmp_path):
+    _no_transformers_call(monkeypatch)
+    import retro_pipeline.tokenizers as T
+
+    assert not hasattr(T, "default_embedder_path")  # one default-model lookup: embedder.settings
+    packaged = load_embedder_tokenizer("sentence-transformers/all-MiniLM-L6-v2")  # offline: the packaged copy
+    assert packaged.encode("Hello world", add_special_tokens=False).ids == [7592, 2088]
+    with pytest.raises(RetroError) as e:
+        load_embedder_tokenizer(tmp_path / "nope" / "tokenizer.json")
+    assert "no such file or directory" in str(e.value) and "gpt2" not in str(e.value)
+    assert "leave --embedder out" in str(e.value)
 
 
 def test_missing_eod(tmp_path):
@@ -150,7 +231,7 @@ def test_detokenize_flat_falls_back_for_other_decoders(train_file, tmp_path):
 
 def test_embedder_tokenizer_default():
     tok = load_embedder_tokenizer()
-    assert (default_embedder_path() / "tokenizer.json").is_file()
+    assert (Path(default_model_path()) / "tokenizer.json").is_file()
     assert tok.truncation is None and tok.padding is None
     ids = tok.encode("Hello world", add_special_tokens=False).ids
     assert ids == [7592, 2088] and tok.encode("Hello world").ids == [101, 7592, 2088, 102]
