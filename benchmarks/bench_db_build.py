@@ -93,7 +93,7 @@ def main():
 
     import ray
 
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="warning")
     time.sleep(10)  # Ray's own agents use the CPUs for a few seconds after start-up
     pipeline("ray", num_workers=args.workers)  # warm-up: actor start-up is not db-build work
     rows[f"pipeline, ray ({args.workers} workers)"] = timed(lambda: pipeline("ray", num_workers=args.workers),
