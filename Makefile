@@ -20,4 +20,4 @@ demo: setup
 	$(VENV)/bin/retro-pipeline build --workdir demo
 
 test: setup-dev
-	$(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+
+def script(name: str) -> str:
+    """A console script of the environment running the tests (its bin/ need not be on PATH)."""
+    return os.path.join(os.path.dirname(sys.executable), name)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

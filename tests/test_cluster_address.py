@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import script
 from retro_pipeline.config import RunOptions
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
@@ -29,7 +30,7 @@ def head_node(tmp_path):
     """A one-node Ray cluster of its own (`--block` keeps it ours: stopping it stops only its processes)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(["ray", "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
+    proc = subprocess.Popen([script("ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                              "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
                              "--disable-usage-stats"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -9,12 +9,14 @@ import subprocess
 import h5py
 import numpy as np
 
+from conftest import script
+
 
 def test_readme_main_command(tmp_path):
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     assert "retro-pipeline build --workdir demo\n" in readme
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run(["retro-pipeline", "build", "--workdir", "demo", "--no-progress"], cwd=tmp_path, env=env,
+    r = subprocess.run([script("retro-pipeline"), "build", "--workdir", "demo", "--no-progress"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     wd = tmp_path / "demo"
@@ -30,6 +32,6 @@ def test_readme_main_command(tmp_path):
     assert emb.shape == (n_sampled, 384)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # MiniLM normalizes
     assert "train chunks in" in r.stdout and "[dataset 0 doc 0 tokens 0:64]" in r.stdout
-    st = subprocess.run(["retro-pipeline", "status", "--workdir", "demo"], cwd=tmp_path, capture_output=True,
+    st = subprocess.run([script("retro-pipeline"), "status", "--workdir", "demo"], cwd=tmp_path, capture_output=True,
                         text=True, check=True).stdout
     assert st.count(" done ") == 2
