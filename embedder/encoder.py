@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -49,19 +50,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retro_pipeline.errors import RetroError
-from retro_pipeline.io import write_json
-
-from embedder.settings import default_model_path
+from embedder.errors import UserError
+from embedder.settings import DTYPE_ALIASES, DTYPE_NAMES, POOLINGS, resolve_model
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "mean", "mean-no-special")
 SETTINGS_FILE = "retro_pooling.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+_DTYPES.update({alias: _DTYPES[name] for alias, name in DTYPE_ALIASES.items()})
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -69,7 +65,7 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype) not in _DTYPES:
-        raise RetroError(f"unknown embedder dtype '{dtype}'; use one of float32, float16, bfloat16")
+        raise UserError(f"unknown embedder dtype '{dtype}'; use one of {', '.join(DTYPE_NAMES)}")
     return _DTYPES[str(dtype)]
 
 
@@ -85,10 +81,10 @@ class Encoder(torch.nn.Module):
                  compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         if pooling not in POOLINGS:
-            raise RetroError(f"unknown pooling '{pooling}'; use one of {', '.join(POOLINGS)}")
+            raise UserError(f"unknown pooling '{pooling}'; use one of {', '.join(POOLINGS)}")
         limit = getattr(model.config, "max_position_embeddings", None)
         if not isinstance(max_length, int) or max_length < 2 or (limit is not None and max_length > limit):
-            raise RetroError(f"embedder max_length={max_length!r} is out of range; use an integer from 2 to "
+            raise UserError(f"embedder max_length={max_length!r} is out of range; use an integer from 2 to "
                              f"{limit} (the model's max_position_embeddings)")
         self.model = model
         self.tokenizer = tokenizer
@@ -108,7 +104,12 @@ class Encoder(torch.nn.Module):
     def load(cls, model: str | os.PathLike | None = None, pooling: str | None = None,
              normalize: bool | None = None, max_length: int | None = None, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None, num_threads: int | None = None) -> "Encoder":
-        """Load a Hugging Face encoder (a directory or a hub id; ``None`` is the packaged MiniLM).
+        """Load a Hugging Face encoder: a directory, or a hub id (``None`` is the packaged MiniLM).
+
+        A hub id is resolved by :func:`embedder.settings.resolve_model`: when the hub cannot be reached this
+        fails at once (the packaged model's own ids fall back to the packaged copy). A directory must hold
+        the model (config.json + weights) and its tokenizer; anything that cannot load is a one-line
+        :class:`UserError`.
 
         ``device`` None means "cuda" when available, else "cpu". ``dtype`` is the compute dtype of
         :meth:`encode`: None means float16 on CUDA and float32 on CPU; float16/bfloat16 run under autocast
@@ -117,26 +118,33 @@ class Encoder(torch.nn.Module):
         """
         from transformers import AutoModel, AutoTokenizer
 
+        dtype = resolve_dtype(dtype)
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        name = str(model) if model is not None else default_model_path()
+        name = resolve_model(model, "embedder")
+        if os.path.exists(name):
+            _check_model_dir(name)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = resolve_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
-            hf_model = AutoModel.from_pretrained(name, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise RetroError(f"cannot load the embedder model '{name}' ({str(e).splitlines()[0]}); "
-                             "pass a directory holding a Hugging Face model or a hub id") from None
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        for part in ("model", "tokenizer"):
+            try:
+                if part == "model":
+                    hf_model = AutoModel.from_pretrained(name, dtype=torch.float32)
+                else:
+                    tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
+            except _load_errors() as e:
+                raise UserError(f"cannot load the {part} of embedder '{name}' ({_first_line(e)}); pass a "
+                                "directory holding a Hugging Face model (config.json, weights, tokenizer) "
+                                "or a hub id") from None
         if not getattr(tokenizer, "is_fast", True):
-            raise RetroError(f"the tokenizer of '{name}' has no fast (Rust) version; convert it with "
+            raise UserError(f"the tokenizer of '{name}' has no fast (Rust) version; convert it with "
                              "AutoTokenizer.from_pretrained(...).save_pretrained(...) after installing tokenizers")
 
         found = _read_settings(name)
         explicit = {"pooling": pooling, "normalize": normalize, "max_length": max_length}
         settings = {k: v if v is not None else found.get(k) for k, v in explicit.items()}
         if settings["pooling"] is not None and settings["pooling"] not in POOLINGS:
-            raise RetroError(f"{name}: the saved pooling {settings['pooling']!r} is not supported; pass "
+            raise UserError(f"{name}: the saved pooling {settings['pooling']!r} is not supported; pass "
                              f"pooling= one of {', '.join(POOLINGS)} explicitly")
         if settings["max_length"] is None:
             limits = [tokenizer.model_max_length, getattr(hf_model.config, "max_position_embeddings", None), 512]
@@ -151,35 +159,66 @@ class Encoder(torch.nn.Module):
         sentence-transformers files (modules.json, 1_Pooling/, sentence_bert_config.json) so that
         ``SentenceTransformer(path)`` gives the same embeddings. ``mean-no-special`` has no
         sentence-transformers equivalent, so for it those files are not written (and a warning says so).
-        ``retro_pooling.json`` is written last: its presence marks a complete save.
+
+        Atomic as a whole: everything is written into ``<path>.tmp-<pid>`` beside it, fsynced, then moved
+        into place, so ``path`` is never a half-saved model. An existing ``path`` is replaced as a whole
+        (renamed aside to ``<path>.old-<pid>``, the new one renamed in, the old one deleted): files of
+        its own that are not part of a model do not survive.
         """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        path = Path(os.path.abspath(path))
+        if path.exists() and not path.is_dir():
+            raise UserError(f"cannot save the embedder to '{path}': it exists and is not a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.pooling not in ("cls", "mean"):
+            warnings.warn(f"pooling '{self.pooling}' has no sentence-transformers equivalent: {path} loads "
+                          "with embedder.Encoder.load only", stacklevel=2)
+        tmp, old = (path.with_name(f"{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            self._write(tmp)
+            _fsync_tree(tmp)
+            if path.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)  # put the old model back
+                    raise
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write(self, path: Path) -> None:
+        """Every file of :meth:`save`, into the (new, empty) directory ``path``."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        files = {SETTINGS_FILE: {"pooling": self.pooling, "normalize": self.normalize,
+                                 "max_length": self.max_length}}
         if self.pooling in ("cls", "mean"):
             modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
             if self.normalize:
                 modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
                                 "type": "sentence_transformers.models.Normalize"})
-                write_json(path / "2_Normalize" / "config.json", {})
-            write_json(path / "modules.json", modules)
-            write_json(path / "sentence_bert_config.json", {"max_seq_length": self.max_length,
-                                                             "do_lower_case": False})
-            write_json(path / "1_Pooling" / "config.json", {
+                files["2_Normalize/config.json"] = {}
+            files["modules.json"] = modules
+            files["sentence_bert_config.json"] = {"max_seq_length": self.max_length, "do_lower_case": False}
+            files["1_Pooling/config.json"] = {
                 "word_embedding_dimension": self.dim,
                 "pooling_mode_cls_token": self.pooling == "cls",
                 "pooling_mode_mean_tokens": self.pooling == "mean",
                 "pooling_mode_max_tokens": False,
                 "pooling_mode_mean_sqrt_len_tokens": False,
-            })
-        else:  # and a modules.json left by an earlier save would now describe the wrong pooling
-            (path / "modules.json").unlink(missing_ok=True)
-            warnings.warn(f"pooling '{self.pooling}' has no sentence-transformers equivalent: {path} loads "
-                          "with embedder.Encoder.load only", stacklevel=2)
-        write_json(path / SETTINGS_FILE, {"pooling": self.pooling, "normalize": self.normalize,
-                                           "max_length": self.max_length})
+            }
+        for rel, obj in files.items():
+            (path / rel).parent.mkdir(parents=True, exist_ok=True)
+            with open(path / rel, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2)
 
     # ------------------------------------------------------------------ the model
 
@@ -253,21 +292,22 @@ class Encoder(torch.nn.Module):
         n = len(ids)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=n)
         if n and lengths.max() > self.max_length:
-            raise RetroError(f"encode_ids got a sequence of {lengths.max()} tokens, more than max_length="
+            raise UserError(f"encode_ids got a sequence of {lengths.max()} tokens, more than max_length="
                              f"{self.max_length}; truncate with Encoder.tokenize or raise max_length")
         if n and lengths.min() == 0:
-            raise RetroError("encode_ids got an empty token list; a text tokenizes to at least [CLS] [SEP]")
+            raise UserError("encode_ids got an empty token list; a text tokenizes to at least [CLS] [SEP]")
         if self.pooling != "mean-no-special":
             special_tokens_masks = None
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise UserError(f"embedder batch_size={batch_size!r} must be a positive integer")
         order = np.argsort(-lengths, kind="stable") if sort_by_length else np.arange(n)
+        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
         device, cuda = self.device, self.device.type == "cuda"
         out = torch.empty(n, self.dim, dtype=torch.float32, device=device)  # filled in place, read back once
-        starts = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm
-            starts = tqdm(starts, total=-(-n // batch_size), desc="embed", unit="batch")
-        for i in starts:
-            rows = order[i:i + batch_size]
+            batches = tqdm(batches, desc="embed", unit="batch")
+        for rows in batches:
             width = int(lengths[rows].max())
             input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)    # [b, width]
             attention_mask = np.zeros((len(rows), width), dtype=np.int64)           # [b, width]
@@ -284,6 +324,82 @@ class Encoder(torch.nn.Module):
                                 enabled=self.compute_dtype != torch.float32):
                 out[batch[0]] = self(*batch[1:])
         return out.cpu().numpy()
+
+
+# ---------------------------------------------------------------------- saving and loading
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (so that a rename of ``root`` publishes whole files)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _check_model_dir(path: str) -> None:
+    """A local model must be a directory with config.json and a tokenizer (transformers would otherwise fail
+    with a misleading message, or, for a missing tokenizer, silently build one with an empty vocabulary)."""
+    fix = "pass the directory that holds the whole model (config.json, weights, tokenizer), e.g. one saved by " \
+          "Encoder.save"
+    if not os.path.isdir(path):
+        raise UserError(f"embedder '{path}' is a file, not a model directory; {fix}")
+    files = set(os.listdir(path))
+    has_config = "config.json" in files
+    has_tokenizer = bool(files & {"tokenizer.json", "vocab.txt", "vocab.json"}) or any(
+        f.endswith(".model") for f in files)  # spiece.model, sentencepiece.bpe.model, tokenizer.model
+    if not has_config and not has_tokenizer:
+        raise UserError(f"embedder directory '{path}' holds no Hugging Face model (no config.json, no tokenizer "
+                        f"files); {fix}")
+    if not has_config:
+        raise UserError(f"embedder directory '{path}' has a tokenizer but no model (no config.json and weights); "
+                        f"{fix}")
+    if not has_tokenizer:
+        raise UserError(f"embedder directory '{path}' has a model but no tokenizer (no tokenizer.json, vocab.txt, "
+                        f"vocab.json or *.model); save the tokenizer it was trained with into it "
+                        f"(tokenizer.save_pretrained), or {fix}")
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What ``from_pretrained`` raises for a model it cannot load: OSError (missing files, hub unreachable,
+    config.json not JSON), ValueError (unknown model type, bad tokenizer.json), TypeError/KeyError (odd
+    config.json), RuntimeError (weights that do not fit the config), and the typed errors of huggingface_hub's
+    config validation and of safetensors (a corrupt weights file)."""
+    errors: list[type[BaseException]] = [OSError, ValueError, TypeError, KeyError, RuntimeError]
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:  # older huggingface_hub: no config validation
+        pass
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _first_line(e: BaseException) -> str:
+    """The error's type and the first line of its message, whole (plus the next line when the first only
+    introduces it, as in "Validation error for field 'x':")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return f"{type(e).__name__}: {text}"
 
 
 # ---------------------------------------------------------------------- settings files

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedder import POOLINGS, Encoder
-from retro_pipeline.errors import RetroError
+from embedder import POOLINGS, Encoder, UserError
 
 MAX_POS = 64  # the tiny BERT's max_position_embeddings, so the default max_length
 
@@ -146,14 +145,18 @@ def test_encode_ids_is_encode(tiny_dir, pooling):
 def test_edge_inputs(tiny_dir):
     enc = Encoder.load(tiny_dir, device="cpu")
     assert enc.encode([]).shape == (0, 32)
-    with pytest.raises(RetroError, match="max_length"):
+    with pytest.raises(UserError, match="max_length"):
         enc.encode_ids([list(range(5, 5 + MAX_POS + 1))])
-    with pytest.raises(RetroError, match="pooling"):
+    with pytest.raises(UserError, match="pooling"):
         Encoder.load(tiny_dir, pooling="max", device="cpu")
-    with pytest.raises(RetroError, match="max_length"):
+    with pytest.raises(UserError, match="max_length"):
         Encoder.load(tiny_dir, max_length=MAX_POS + 1, device="cpu")
-    with pytest.raises(RetroError, match="cannot load"):
+    with pytest.raises(UserError, match="not a file or directory"):
         Encoder.load(os.path.join(tiny_dir, "missing"), device="cpu")
+    with pytest.raises(UserError, match="batch_size"):
+        enc.encode(["a"], batch_size=0)
+    with pytest.raises(UserError, match="dtype"):
+        Encoder.load(tiny_dir, device="cpu", dtype="float8")
 
 
 def test_settings_resolution(tiny_dir, tmp_path):
@@ -179,7 +182,7 @@ def test_settings_resolution(tiny_dir, tmp_path):
     cfg = tmp_path / "a" / "1_Pooling" / "config.json"
     cfg.write_text(json.dumps({"pooling_mode": "max"}))
     os.remove(tmp_path / "a" / "retro_pooling.json")
-    with pytest.raises(RetroError, match="'max'"):
+    with pytest.raises(UserError, match="'max'"):
         Encoder.load(tmp_path / "a", device="cpu")
     assert Encoder.load(tmp_path / "a", pooling="cls", device="cpu").pooling == "cls"
 
@@ -232,3 +235,110 @@ def test_half_precision_on_cpu_is_autocast(tiny_dir):
 def test_import_is_light():
     code = "import sys, embedder; assert not {'ray', 'faiss'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+# ---------------------------------------------------------------------- load errors: one line, no traceback
+
+
+def _write(name: str, text: str):
+    def edit(d):
+        (d / name).write_text(text)
+    return edit
+
+
+def _remove(*names: str):
+    def edit(d):
+        for name in names:
+            (d / name).unlink(missing_ok=True)
+    return edit
+
+
+LOAD_ERRORS = {  # how a copy of tiny_dir is broken -> what the message says
+    "tokenizer only": (_remove("config.json", "model.safetensors"), "has a tokenizer but no model"),
+    "model only": (_remove("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+                   "has a model but no tokenizer"),
+    "empty": (lambda d: [p.unlink() for p in d.iterdir()], "holds no Hugging Face model"),
+    "no weights": (_remove("model.safetensors"), "model of embedder .*no file named model.safetensors"),
+    "config not JSON": (_write("config.json", "{not json"), "config.json' is not a valid JSON file"),
+    "config a list": (_write("config.json", "[1, 2]"), "model_type"),
+    "config without model_type": (_write("config.json", "{}"), "model_type"),
+    "unknown model_type": (_write("config.json", '{"model_type": "nosuchmodel"}'),
+                           "does not recognize this architecture.* out of date\\.\\)"),
+    "bad field type": (lambda d: _edit_config(d, hidden_size="big"), "hidden_size.*expected int"),
+    "weights that do not fit": (lambda d: _edit_config(d, hidden_size=64), "RuntimeError"),
+    "corrupt weights": (_write("model.safetensors", "garbage"), "SafetensorError"),
+    "bad tokenizer.json": (_write("tokenizer.json", "{bad"), "tokenizer of embedder .*JSONDecodeError"),
+}
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+@pytest.mark.parametrize("case", LOAD_ERRORS)
+def test_load_errors_are_one_line(tiny_dir, tmp_path, case):
+    import shutil
+
+    edit, message = LOAD_ERRORS[case]
+    d = tmp_path / "model"
+    shutil.copytree(tiny_dir, d)
+    edit(d)
+    with pytest.raises(UserError, match=message) as e:
+        Encoder.load(d, device="cpu")
+    assert "\n" not in str(e.value) and str(d) in str(e.value)
+    # no transformers traceback attached
+    assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)
+
+
+def test_load_a_file_or_an_offline_hub_id(tiny_dir, tmp_path, monkeypatch):
+    import time
+
+    with pytest.raises(UserError, match="is a file, not a model directory"):
+        Encoder.load(os.path.join(tiny_dir, "config.json"), device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.monotonic()
+    with pytest.raises(UserError) as e:
+        Encoder.load("someone/no-such-model", device="cpu")
+    assert time.monotonic() - t < 10  # no minute of download retries
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("embedder 'someone/no-such-model' is not a file or directory")
+    assert "(HF_HUB_OFFLINE=1 is set)" in msg and msg.endswith("packaged all-MiniLM-L6-v2")
+
+
+def test_packaged_hub_id_offline_is_the_packaged_model(minilm, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = Encoder.load("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+    assert (enc.pooling, enc.normalize, enc.max_length) == ("mean", True, 256)
+    assert np.array_equal(enc.encode(TEXTS[:6]), minilm.encode(TEXTS[:6]))
+
+
+# ---------------------------------------------------------------------- save is atomic
+
+
+def test_save_replaces_the_directory_atomically(tiny_dir, tmp_path, monkeypatch):
+    target = tmp_path / "out" / "model"
+    cls_enc = Encoder.load(tiny_dir, pooling="cls", device="cpu")
+    cls_enc.save(target)  # parents are made
+    (target / "stale.txt").write_text("not part of a model")
+    assert (target / "modules.json").exists()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Encoder.load(tiny_dir, pooling="mean-no-special", device="cpu").save(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]  # no temporary, no old copy left
+    assert not (target / "stale.txt").exists() and not (target / "modules.json").exists()
+    assert Encoder.load(target, device="cpu").pooling == "mean-no-special"
+
+    def crash(self, path):  # dies half-way through writing
+        self.model.save_pretrained(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Encoder, "_write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cls_enc.save(target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
+    assert Encoder.load(target, device="cpu").pooling == "mean-no-special"  # the previous model, whole
+
+    with pytest.raises(UserError, match="not a directory"):
+        cls_enc.save(os.path.join(tiny_dir, "config.json"))
