@@ -5,77 +5,76 @@
 
 from __future__ import annotations
 
+import inspect
 import signal
 import sys
-from dataclasses import fields
 from typing import Any
 
 import click
 
-from retro_pipeline.config import POOLINGS, SPLIT_MODES, BuildConfig, RunOptions, load_config_file
+from retro_pipeline.config import RUN_OPTIONS, load_config_file, run_options
 from retro_pipeline.errors import RetroError, StageFailed, UserError
+from retro_pipeline.stage import Option, Stage, all_stages
 
-BUILD_KEYS = {f.name for f in fields(BuildConfig)}
-RUN_KEYS = {f.name for f in fields(RunOptions)}
+ALIASES = {"embed": "embed-sampled"}  # old names, hidden
 
 
-def stage_options(f):
-    """Options shared by every build stage; all default to None so that 'not given' is visible."""
-    opts = [
-        click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False),
+def click_option(o: Option) -> click.Option:
+    """The CLI flag of a declared option; it defaults to None so that 'not given' stays visible."""
+    kw: dict[str, Any] = {"default": None}
+    if o.type is bool:
+        kw["is_flag"] = True
+    elif o.choices is not None:
+        kw["type"] = click.Choice(o.choices)
+    elif o.type is int:
+        kw["type"] = click.IntRange(min=o.minimum, min_open=o.open_minimum) if o.minimum is not None else int
+    elif o.type is float:
+        kw["type"] = click.FloatRange(min=o.minimum, min_open=o.open_minimum) if o.minimum is not None else float
+    shown = o.shown_default if o.shown_default is not None else (None if o.default is None else str(o.default))
+    help_ = o.help + (f" [default: {shown}]" if shown else "")
+    return click.Option([o.flag], help=help_, **kw)
+
+
+def common_options() -> list[click.Option]:
+    """Options of every stage command: the workdir, a config file, --force and how to run."""
+    return [
+        click.Option(["--workdir", "-w"], required=True, type=click.Path(file_okay=False),
                      help="Build directory: holds config.json, the chunk DB, embeddings and progress markers."),
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="JSON or YAML file of the options below (keys with _ for -); the command line wins."),
-        click.option("--data-path", help="GPT token corpora: 'PREFIX' or a blend 'W1 PREFIX1 W2 PREFIX2 ...' "
-                                         "of Megatron .bin/.idx files. Required at the first run."),
-        click.option("--gpt-tokenizer", help="Tokenizer of those corpora: a tokenizer.json, a directory, "
-                                             "'gpt2' (packaged GPT-2 BPE) or a hub id. Required at the first run."),
-        click.option("--embedder", help="Encoder for chunk embeddings: a directory or hub id "
-                                        "[default: the packaged all-MiniLM-L6-v2]."),
-        click.option("--pooling", type=click.Choice(POOLINGS), help="Embedding pooling [default: the model's own, else mean]."),
-        click.option("--chunk-length", type=click.IntRange(min=1), help="GPT tokens per chunk [default: 64]."),
-        click.option("--split", help="train,valid,test proportions of documents [default: 98,2,0]."),
-        click.option("--split-mode", type=click.Choice(SPLIT_MODES),
-                     help="random: seeded random split and index sample; megatron: document-order split and "
-                          "first-N sample, as Megatron [default: random]."),
-        click.option("--seed", type=click.IntRange(min=0), help="Seed of every random choice [default: 1234]."),
-        click.option("--index-ntrain", help="Chunks sampled to train the index, or 'auto' [default: auto]."),
-        click.option("--block-size", type=click.IntRange(min=1), help="Rows per block file at most: the unit of work and of resume; "
-                                                    "small inputs are cut into about 64 blocks [default: 100000]."),
-        click.option("--force", is_flag=True, help="Rebuild the stages whose settings changed instead of refusing."),
-        click.option("--address", help="Ray cluster address (auto, host:port, ray://host:port); "
-                                       "none starts a local Ray."),
-        click.option("--executor", type=click.Choice(["ray", "local"]),
-                     help="ray: a pool of Ray actors [default]; local: one process, no Ray (debugging)."),
-        click.option("--num-workers", type=click.IntRange(min=1), help="Workers in the pool [default: from the cluster's CPUs/GPUs]."),
-        click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), help="CPUs per worker [default: 1]."),
-        click.option("--gpus-per-worker", type=click.FloatRange(min=0), help="GPUs per embedding worker [default: 1 where the "
-                                                           "cluster has GPUs, else 0]."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Embedding device [default: cuda when present]."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-                     help="Embedding precision on CUDA [default: float16 on cuda, float32 on cpu]."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Texts per encoder batch [default: 128]."),
-        click.option("--no-progress", is_flag=True, help="No progress bars."),
+        click.Option(["--config", "config_file"], type=click.Path(dir_okay=False),
+                     help="JSON or YAML file of options (keys with _ for -; any stage's); the command line wins."),
+        click.Option(["--force"], is_flag=True, help="Rebuild the stages whose settings or inputs changed (and "
+                                                     "the stages after them) instead of refusing."),
+        *[click_option(o) for o in RUN_OPTIONS],
+        click.Option(["--no-progress"], is_flag=True, help="No progress bars."),
     ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
 
 
-def split_options(kw: dict[str, Any]) -> tuple[str, dict, RunOptions, bool]:
-    """Command-line + config-file options → (workdir, build options given, run options, force)."""
+def split_options(kw: dict[str, Any]) -> tuple[str, dict, Any, bool]:
+    """Command-line + config-file options → (workdir, stage options given, run options, force)."""
     kw = dict(kw)
     workdir = kw.pop("workdir")
     force = kw.pop("force")
     progress = not kw.pop("no_progress")
     cfile = kw.pop("config_file")
     opts = load_config_file(cfile) if cfile else {}
-    unknown = set(opts) - BUILD_KEYS - RUN_KEYS
-    if unknown:
-        raise RetroError(f"{cfile}: unknown option(s) {', '.join(sorted(unknown))}; see retro-pipeline build --help")
     opts.update({k: v for k, v in kw.items() if v is not None})
-    run = RunOptions(progress=progress, **{k: v for k, v in opts.items() if k in RUN_KEYS})
-    return workdir, {k: v for k, v in opts.items() if k in BUILD_KEYS}, run, force
+    run_keys = {o.name for o in RUN_OPTIONS}
+    run = run_options({k: v for k, v in opts.items() if k in run_keys}, progress=progress)
+    return workdir, {k: v for k, v in opts.items() if k not in run_keys}, run, force
+
+
+def stage_command(name: str, classes: list[type[Stage]], help_: str, demo_ok: bool = False) -> click.Command:
+    """A subcommand that runs ``classes`` in order, with their own options only."""
+
+    def callback(**kw):
+        _run([c.name for c in classes], kw, demo_ok=demo_ok)
+        if demo_ok:
+            _show_examples(kw["workdir"])
+
+    params = common_options()
+    params[3:3] = [click_option(o) for c in classes for o in c.options]
+    return click.Command(name, callback=callback, params=params, help=help_,
+                         short_help=help_.splitlines()[0])
 
 
 class RetroCLI(click.Group):
@@ -85,6 +84,25 @@ class RetroCLI(click.Group):
     and exit 2 (1 for a stage failure, whose traceback goes to the log). SIGTERM and Ctrl-C stop the run
     with one line saying that the same command resumes it.
     """
+
+    def list_commands(self, ctx):
+        return ["build", *(c.name for c in all_stages()), *sorted(set(self.commands) - {"build"})]
+
+    def get_command(self, ctx, name):
+        if name in self.commands:
+            return self.commands[name]
+        if name == "build":
+            classes = all_stages()
+            return stage_command("build", classes, f"Run every stage in order ({', '.join(c.name for c in classes)})."
+                                 "\n\nWith no --data-path, builds a demo corpus from the Python standard library's "
+                                 "documentation first and runs on it.", demo_ok=True)
+        for cls in all_stages():
+            if cls.name == ALIASES.get(name, name):
+                doc = inspect.cleandoc(cls.__doc__ or cls.name)
+                cmd = stage_command(name, [cls], doc)
+                cmd.hidden = name in ALIASES
+                return cmd
+        return None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         from retro_pipeline.logs import setup_logging
@@ -172,40 +190,14 @@ def _counts(d: dict) -> str:
 
 
 @cli.command()
-@stage_options
-def build(**kw):
-    """Run every stage in order (db-build, then embedding of the index-training sample)."""
-    _run(["db-build", "embed-sampled"], kw, demo_ok=True)
-    _show_examples(kw["workdir"])
-
-
-@cli.command("db-build")
-@stage_options
-def db_build(**kw):
-    """Chunk the corpora into db/individual blocks and db/merged/{train,sampled,valid}.hdf5."""
-    _run(["db-build"], kw)
-
-
-@cli.command("embed-sampled")
-@stage_options
-def embed_sampled(**kw):
-    """Embed the index-training sample (db/merged/sampled.hdf5) into embed/sampled/ blocks."""
-    _run(["embed-sampled"], kw)
-
-
-cli.add_command(click.Command("embed", params=embed_sampled.params, callback=embed_sampled.callback, hidden=True,
-                              help="Old name of embed-sampled."))
-
-
-@cli.command()
 @click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False))
 def status(workdir):
-    """Per stage: done, partial (blocks done of total) or not started."""
+    """Per stage: done, partial (blocks done of total), not started, or stale (made from changed inputs)."""
     from retro_pipeline.pipeline import status as get_status
 
     for name, st in get_status(workdir).items():
         if st.get("stale"):
-            click.echo(f"{name:15s} stale      built from inputs that changed since: {st['stale']}")
+            click.echo(f"{name:15s} stale      made from what changed since: {st['stale']} (rebuild it with --force)")
         elif st["state"] == "done":
             click.echo(f"{name:15s} done       {st.get('blocks', 0)} blocks, {st.get('seconds', 0):.1f} s {_counts(st)}")
         elif st["state"] == "partial":
@@ -216,17 +208,14 @@ def status(workdir):
 
 def _show_examples(workdir: str, n: int = 3) -> None:
     """Print a few chunks of a finished DB so the user sees real output."""
-    import h5py
-
-    from retro_pipeline.pipeline import load_config
-    from retro_pipeline.stages.embed import ChunkReader
+    from retro_pipeline.read import WorkdirReader
     from retro_pipeline.workdir import Workdir
 
     wd = Workdir(workdir)
-    with h5py.File(wd.merged_db_path("train"), "r") as f:
-        total = len(f["chunks"])
-        rows = f["chunks"][:: max(1, total // n)][:n]
-    texts = ChunkReader(load_config(workdir)).texts(rows)
+    reader = WorkdirReader(wd)
+    total = reader.db_num_chunks("train")
+    rows = reader.db_chunks("train", step=max(1, total // n))[:n]
+    texts = reader.chunk_texts(rows)
     click.echo(f"\n{total} train chunks in {wd.merged_db_path('train')}; a few of them:")
     for r, t in zip(rows, texts):
         click.echo(f"  [dataset {r[0]} doc {r[1]} tokens {r[2]}:{r[3]}] {t[:150]!r}")

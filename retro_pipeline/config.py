@@ -1,43 +1,59 @@
-"""Build configuration: frozen dataclasses, defaults, validation and the keys that change outputs.
+"""Build configuration: the values of every stage's declared options, and the run options.
 
-A workdir stores the output-changing keys in ``config.json`` on its first run. A later run may leave
-them out (they are read back) but may not contradict them: :func:`retro_pipeline.workdir.Workdir.resolve`
-names the conflicting keys. Run options (workers, devices, batch sizes, the cluster address) never change
-outputs and are never stored.
+A workdir stores the output-changing options of every stage in ``config.json`` on its first run. A later
+run may leave them out (they are read back) but may not contradict them: :func:`resolve` names the
+conflicting keys. Options that don't change outputs (devices, batch sizes) and the run options (workers,
+the cluster address) are never stored.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from retro_pipeline.errors import RetroError
+from retro_pipeline.stage import Option, all_options
 
-SPLIT_MODES = ("random", "megatron")
-POOLINGS = ("cls", "mean", "mean-no-special")
-DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2 (packaged)"
 
 
-@dataclass(frozen=True)
-class BuildConfig:
-    """Everything that decides what a build writes. Field names are the config-file keys."""
+class Config(Mapping):
+    """Every declared option's value (``cfg.chunk_length`` or ``cfg["chunk_length"]``), read-only."""
 
-    data_path: tuple[str, ...] = ()  # Megatron style: ("w1", "/abs/prefix1", "w2", "/abs/prefix2", ...)
-    gpt_tokenizer: str = ""
-    embedder: str = DEFAULT_EMBEDDER
-    pooling: str = ""  # "" = the model's own, else mean
-    chunk_length: int = 64
-    split: str = "98,2,0"
-    split_mode: str = "random"
-    seed: int = 1234
-    index_ntrain: str = "auto"  # "auto" or an integer count, kept as text
-    block_size: int = 100000
-    embed_dtype: str = "float32"  # on-disk dtype of stored embedding blocks (float32 or float16)
+    def __init__(self, values: dict[str, Any]):
+        self._values = dict(values)
 
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no option {name!r}") from None
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def stored(self) -> dict[str, Any]:
+        """The output-changing values: what ``config.json`` keeps."""
+        keys = {o.name for o in all_options() if o.changes_output}
+        return {k: v for k, v in self._values.items() if k in keys}
+
+    # conveniences over db-build's options, which every later stage reads
     def blend(self) -> list[tuple[float, str]]:
         return [(float(self.data_path[i]), self.data_path[i + 1]) for i in range(0, len(self.data_path), 2)]
 
@@ -50,27 +66,36 @@ class BuildConfig:
         total = sum(parts)
         return tuple(p / total for p in parts)  # type: ignore[return-value]
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["data_path"] = list(self.data_path)
-        return d
 
-    def fingerprint(self, keys: tuple[str, ...] | None = None) -> str:
-        d = self.to_dict()
-        if keys is not None:
-            d = {k: d[k] for k in keys}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def resolve(stored: dict[str, Any], given: dict[str, Any]) -> tuple[Config, list[str]]:
+    """Merge ``given`` options over the ``stored`` ones over the declared defaults.
+
+    Returns the config and the output-changing keys whose given value contradicts the stored one.
+    """
+    options = {o.name: o for o in all_options()}
+    unknown = sorted(set(given) - set(options))
+    if unknown:
+        raise RetroError(f"unknown option(s) {', '.join(unknown)}; see retro-pipeline build --help")
+    values = {name: o.default for name, o in options.items()}
+    for k, v in stored.items():
+        if k in options and options[k].changes_output:
+            values[k] = options[k].check(v)
+    conflicts = []
+    for k, v in given.items():
+        if v is None:
+            continue
+        v = options[k].check(v)
+        if options[k].changes_output and k in stored and _same(values[k]) != _same(v):
+            conflicts.append(k)
+        values[k] = v
+    return Config(values), conflicts
 
 
-# Which config keys each stage's outputs depend on (directly or through an earlier stage).
-DB_KEYS = ("data_path", "gpt_tokenizer", "embedder", "chunk_length", "split", "split_mode", "seed",
-           "index_ntrain", "block_size")
-EMBED_KEYS = DB_KEYS + ("pooling", "embed_dtype")
-STAGE_KEYS: dict[str, tuple[str, ...]] = {"db-build": DB_KEYS, "embed-sampled": EMBED_KEYS}
+def _same(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
-def affected_stages(keys) -> list[str]:
-    return [s for s, ks in STAGE_KEYS.items() if any(k in ks for k in keys)]
+# ---------------------------------------------------------------------- run options
 
 
 @dataclass(frozen=True)
@@ -82,50 +107,30 @@ class RunOptions:
     num_workers: int | None = None
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
-    device: str | None = None
-    dtype: str | None = None
-    batch_size: int = 128
     progress: bool = True
 
 
-def normalize_split(split: str) -> str:
-    try:
-        parts = [float(x) for x in str(split).replace("/", ",").split(",")]
-    except ValueError:
-        raise RetroError(f"--split {split!r}: not numbers; give train,valid,test proportions such as 98,2,0") from None
-    if len(parts) == 2:
-        parts.append(0.0)
-    if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0:
-        raise RetroError(f"--split {split!r}: need three non-negative proportions with train > 0, e.g. 98,2,0")
-    return ",".join(f"{p:g}" for p in parts)
+RUN_OPTIONS = (
+    Option("address", str, None, "Ray cluster address (auto, host:port, ray://host:port); none starts a local Ray.",
+           changes_output=False, shown_default="a local Ray"),
+    Option("executor", str, "ray", "ray: a pool of Ray actors; local: one process, no Ray (debugging).",
+           changes_output=False, choices=("ray", "local")),
+    Option("num_workers", int, None, "Workers in the pool.", changes_output=False, minimum=1,
+           shown_default="from the cluster's CPUs/GPUs"),
+    Option("cpus_per_worker", float, None, "CPUs per worker.", changes_output=False, minimum=0, open_minimum=True,
+           shown_default="the stage's own, 1 for most"),
+    Option("gpus_per_worker", float, None, "GPUs per worker of a GPU stage.", changes_output=False, minimum=0,
+           shown_default="1 where the cluster has GPUs, else 0"),
+)
+RUN_KEYS = {f.name for f in fields(RunOptions)}
 
 
-def validate(cfg: BuildConfig) -> BuildConfig:
-    """Check values that a typo could break; return the config with canonical spellings."""
-    if cfg.chunk_length <= 0:
-        raise RetroError(f"--chunk-length {cfg.chunk_length}: must be a positive number of GPT tokens (default 64)")
-    if cfg.block_size <= 0:
-        raise RetroError(f"--block-size {cfg.block_size}: must be positive (default 100000)")
-    if cfg.split_mode not in SPLIT_MODES:
-        raise RetroError(f"--split-mode {cfg.split_mode!r}: choose one of {', '.join(SPLIT_MODES)}")
-    if cfg.pooling and cfg.pooling not in POOLINGS:
-        raise RetroError(f"--pooling {cfg.pooling!r}: choose one of {', '.join(POOLINGS)}")
-    if cfg.embed_dtype not in ("float16", "float32"):
-        raise RetroError(f"embed_dtype {cfg.embed_dtype!r}: choose float16 or float32")
-    ntrain = str(cfg.index_ntrain)
-    if ntrain != "auto" and not (ntrain.isdigit() and int(ntrain) > 0):
-        raise RetroError(f"--index-ntrain {ntrain!r}: give a positive number of chunks or 'auto'")
-    return dataclasses.replace(cfg, split=normalize_split(cfg.split), index_ntrain=ntrain)
+def run_options(values: dict[str, Any], progress: bool = True) -> RunOptions:
+    by_name = {o.name: o for o in RUN_OPTIONS}
+    return RunOptions(progress=progress, **{k: by_name[k].check(v) for k, v in values.items() if v is not None})
 
 
-def from_dict(d: dict[str, Any]) -> BuildConfig:
-    names = {f.name for f in fields(BuildConfig)}
-    kw = {k: v for k, v in d.items() if k in names}
-    if "data_path" in kw:
-        kw["data_path"] = tuple(str(x) for x in kw["data_path"])
-    if "index_ntrain" in kw:
-        kw["index_ntrain"] = str(kw["index_ntrain"])
-    return BuildConfig(**kw)
+# ---------------------------------------------------------------------- config files
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -146,4 +151,8 @@ def load_config_file(path: str) -> dict[str, Any]:
                          f"({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(d, dict):
         raise RetroError(f"{path}: a config file must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in d.items()}
+    d = {k.replace("-", "_"): v for k, v in d.items()}
+    unknown = set(d) - {o.name for o in all_options()} - RUN_KEYS
+    if unknown:
+        raise RetroError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}; see retro-pipeline build --help")
+    return d

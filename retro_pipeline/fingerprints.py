@@ -1,6 +1,7 @@
 """What every input of a build was: size, mtime and a cheap content hash of each file it reads.
 
-A workdir records them in ``config.json`` on its first run (``inputs``) and every later command compares:
+Each stage names the files it reads (``Stage.input_files``); a workdir records them in ``config.json`` on
+its first run (``inputs``) and every later command compares:
 a corpus rewritten in place, or a tokenizer or embedder replaced, is refused with the file's name instead of
 being used as if nothing changed. The content hash reads a file whole up to 8 MiB, else its size plus 16
 evenly spaced 256 KiB pieces and its last 256 KiB (a rewrite that keeps the size and every sampled piece
@@ -42,7 +43,7 @@ def file_record(path: str | os.PathLike) -> dict[str, Any]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": content_hash(path)}
 
 
-def _files_of(spec: str | None, kind: str) -> list[Path]:
+def model_files(spec: str | None, kind: str) -> list[Path]:
     """The files a tokenizer or model spec reads: a file, every file under a directory, the packaged files."""
     if kind == "embedder" and not spec:
         from embedder.settings import default_model_path
@@ -64,18 +65,9 @@ def _files_of(spec: str | None, kind: str) -> list[Path]:
     return []  # a hub id: its files live in the hub cache, pinned by the id
 
 
-def input_files(cfg) -> list[Path]:
-    """Every file the build reads: each corpus' .idx and .bin, the GPT tokenizer's and the embedder's files."""
-    files = []
-    for _, prefix in cfg.blend():
-        files += [Path(prefix + ".idx"), Path(prefix + ".bin")]
-    files += _files_of(cfg.gpt_tokenizer, "gpt")
-    files += _files_of(cfg.embedder_spec(), "embedder")
-    return files
-
-
-def record_inputs(cfg) -> dict[str, dict]:
-    return {str(p): file_record(p) for p in input_files(cfg) if p.exists()}
+def record_inputs(files) -> dict[str, dict]:
+    """The record of every file of ``files`` that exists (a hub id's files are pinned by the id)."""
+    return {str(p): file_record(p) for p in sorted(set(files)) if Path(p).exists()}
 
 
 def changed_inputs(stored: dict[str, dict]) -> list[tuple[str, str]]:

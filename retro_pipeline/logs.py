@@ -71,3 +71,38 @@ def attach_workdir_log(root: str | os.PathLike) -> Path | None:
 
 def current_log_file() -> str | None:
     return _FILE_HANDLER.baseFilename if _FILE_HANDLER is not None else None
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record):
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
+def run_capturing_logs(fn, *args):
+    """On a worker: call ``fn(*args)`` with the messages of ``retro_pipeline``/``embedder`` loggers collected
+    instead of printed; returns ``(result, records)``. The driver re-emits them with :func:`replay`, so a
+    worker's warning reads like the driver's own (no Ray ``(pid=...)`` prefix, through the driver's log)."""
+    collect = _Collect()
+    saved = []
+    for name in ("retro_pipeline", "embedder"):
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate, logger.level))
+        logger.handlers[:] = [collect]
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    try:
+        return fn(*args), collect.records
+    finally:
+        for logger, handlers, propagate, level in saved:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+            logger.setLevel(level)
+
+
+def replay(records) -> None:
+    for name, level, message in records:
+        logging.getLogger(name).log(level, "%s", message)

@@ -1,32 +1,32 @@
-"""The Python API behind the CLI: resolve a workdir's config, then run stages in order on an executor."""
+"""The Python API behind the CLI: open a workdir (config, fingerprints, inputs), then run stages in order.
+
+Everything here comes from the stages' declarations (:mod:`retro_pipeline.stage`): the order, the options,
+which stages an option or an input file affects, and what each stage needs first.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
-from retro_pipeline.config import RunOptions
+from retro_pipeline import config as cfgmod
+from retro_pipeline.config import Config, RunOptions
 from retro_pipeline.errors import RetroError
+from retro_pipeline.stage import Stage, all_stages, downstream_of, fingerprint
 from retro_pipeline.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("db-build", "embed-sampled")
+
+def stage_order() -> list[str]:
+    return [c.name for c in all_stages()]
 
 
-def make_stage(name: str, workdir: Workdir, cfg, run: RunOptions):
-    if name == "db-build":
-        from retro_pipeline.stages.db import DBBuildStage
-
-        return DBBuildStage(str(workdir.root), cfg)
-    if name == "embed-sampled":
-        from retro_pipeline.stages.embed import EmbedStage
-
-        return EmbedStage(str(workdir.root), cfg, db="sampled", device=run.device, dtype=run.dtype,
-                          batch_size=run.batch_size)
-    raise RetroError(f"unknown stage {name!r}; choose from {', '.join(STAGE_ORDER)}")
+def make_stage(cls: type[Stage], workdir: Workdir, cfg: Config, run: RunOptions | None = None) -> Stage:
+    run = run or RunOptions()
+    return cls(workdir, cfg, cpus=run.cpus_per_worker, gpus=run.gpus_per_worker)
 
 
 def make_executor(run: RunOptions):
@@ -37,42 +37,81 @@ def make_executor(run: RunOptions):
     if run.executor == "ray":
         from retro_pipeline.executor.ray import RayExecutor
 
-        return RayExecutor(address=run.address, num_workers=run.num_workers, cpus_per_worker=run.cpus_per_worker,
-                           gpus_per_worker=run.gpus_per_worker)
+        return RayExecutor(address=run.address, num_workers=run.num_workers)
     raise RetroError(f"--executor {run.executor!r}: choose ray or local")
 
 
-def absolute_paths(given: dict[str, Any]) -> dict[str, Any]:
-    """Paths in options made absolute against the current directory, so that the CLI and the Python API
-    store the same values and a workdir works from anywhere later."""
-    given = dict(given)
-    if given.get("data_path"):
-        from retro_pipeline.corpus import blend_to_list, parse_blend
-
-        given["data_path"] = blend_to_list([(w, _abs(p)) for w, p in parse_blend(given["data_path"])])
-    for key in ("gpt_tokenizer", "embedder"):
-        if given.get(key) and os.path.exists(os.path.expanduser(str(given[key]))):
-            given[key] = _abs(given[key])
-    return given
+def fingerprints(cfg: Config) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for cls in all_stages():
+        out[cls.name] = fingerprint(cls, cfg, out)
+    return out
 
 
-def _abs(p) -> str:
-    return os.path.abspath(os.path.expanduser(str(p)))
+@dataclass
+class Opened:
+    """A workdir as a command sees it: its config, the stages to rebuild, what to store."""
+
+    workdir: Workdir
+    cfg: Config
+    fingerprints: dict[str, str]
+    rebuild: list[str]
+    record_inputs: bool
 
 
-def run_stages(workdir: str, stages: list[str], given: dict[str, Any] | None = None,
+def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False) -> Opened:
+    """Resolve the config of ``wd`` with ``given`` options and check it against what the workdir holds.
+
+    Without ``force``, options that contradict the stored ones, a stage built with other settings, and an
+    input file that changed since it was recorded are one-line errors. With ``force`` they name the stages
+    to rebuild: the stages the option or file belongs to, and every stage downstream of them.
+    """
+    from retro_pipeline.fingerprints import changed_inputs
+
+    stored = wd.stored()
+    cfg, conflicts = cfgmod.resolve(stored, given)
+    owner = {o.name: cls.name for cls in all_stages() for o in cls.options}
+    if conflicts and not force:
+        old, _ = cfgmod.resolve(stored, {})
+        detail = "; ".join(f"{k}: stored {_show(old[k])}, given {_show(cfg[k])}" for k in conflicts)
+        raise RetroError(f"{wd.config_path}: this workdir was built with other settings ({detail}); use a new "
+                         f"--workdir, or pass --force to rebuild the stages they affect")
+    fps = fingerprints(cfg)
+    started = [c.name for c in all_stages() if wd.stage_status(c.name)["state"] != "not started"]
+    old_fps = wd.stored_fingerprints()
+    changed_fp = [s for s in started if old_fps is not None and old_fps.get(s) not in (None, fps[s])]
+    changed_files = dict(changed_inputs(stored.get("inputs") or {})) if stored else {}
+    file_stages = [cls.name for cls in all_stages()
+                   if changed_files and {str(p) for p in make_stage(cls, wd, cfg).input_files()} & set(changed_files)]
+    if changed_files and not force:
+        from retro_pipeline.fingerprints import check_inputs
+
+        check_inputs(stored["inputs"], wd.root)
+    if changed_fp and not force:
+        first = changed_fp[0]
+        raise RetroError(f"{wd.config_path}: stage {first} was built with other settings than this workdir's "
+                         f"config now gives (the config was edited, or an upstream stage changed); pass --force to "
+                         f"rebuild it, or use a new --workdir")
+    rebuild = []
+    if force:
+        roots = {owner[k] for k in conflicts} | set(changed_fp) | set(file_stages)
+        rebuild = [s for s in stage_order() if s in downstream_of(roots)]
+    return Opened(wd, cfg, fps, rebuild, record_inputs=bool(rebuild) or "inputs" not in stored)
+
+
+def run_stages(workdir, stages: list[str], given: dict[str, Any] | None = None,
                run: RunOptions | None = None, force: bool = False) -> dict[str, dict]:
-    """Run ``stages`` (in pipeline order) for ``workdir`` with config options ``given``.
+    """Run ``stages`` (in pipeline order) for ``workdir`` with options ``given`` (any declared option).
 
     The first run stores the output-changing options and a record of every input file in ``config.json``
     once the inputs have been checked; a later run that contradicts the options stops (or, with ``force``,
-    rebuilds the stages they affect), and one whose input files changed stops naming the file.
-    A first run that fails before anything was stored leaves no workdir behind.
+    rebuilds the stages they affect and those downstream), and one whose input files changed stops naming
+    the file. A first run that fails before anything was stored leaves no workdir behind.
     """
-    wd = Workdir(workdir)
+    wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
     created = not wd.root.exists()
     try:
-        return _run_stages(wd, stages, absolute_paths({k: v for k, v in (given or {}).items() if v is not None}),
+        return _run_stages(wd, stages, {k: v for k, v in (given or {}).items() if v is not None},
                            run or RunOptions(), force)
     except BaseException:
         if created and not wd.config_path.exists():
@@ -82,58 +121,81 @@ def run_stages(workdir: str, stages: list[str], given: dict[str, Any] | None = N
 
 def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool) -> dict[str, dict]:
     from retro_pipeline.executor.base import run_stage
-    from retro_pipeline.fingerprints import check_inputs
+    from retro_pipeline.fingerprints import record_inputs
     from retro_pipeline.logs import attach_workdir_log
 
-    stages = [s for s in STAGE_ORDER if s in stages]
+    unknown = [s for s in stages if s not in stage_order()]
+    if unknown:
+        raise RetroError(f"unknown stage {unknown[0]!r}; choose from {', '.join(stage_order())}")
     with wd.lock():
-        cfg, rebuild = wd.resolve(given, force=force)
-        stored_inputs = wd.stored().get("inputs") or {}
-        if force and stored_inputs:
-            from retro_pipeline.fingerprints import changed_inputs
-
-            if changed_inputs(stored_inputs):
-                rebuild = list(STAGE_ORDER)
-        elif stored_inputs:
-            check_inputs(stored_inputs, wd.root)
-        objs = [make_stage(s, wd, cfg, run) for s in stages]
-        if rebuild:
-            every = {s: make_stage(s, wd, cfg, run) for s in STAGE_ORDER}
-            log.info("--force: rebuilding %s", ", ".join(rebuild))
-            wd.invalidate(rebuild, {s: every[s].output_dirs() + every[s].final_outputs() for s in rebuild})
+        opened = open_workdir(wd, given, force)
+        cfg = opened.cfg
+        classes = [c for c in all_stages() if c.name in stages]
+        every = {c.name: make_stage(c, wd, cfg, run) for c in all_stages()}
+        if opened.rebuild:
+            log.info("--force: rebuilding %s", ", ".join(opened.rebuild))
+            wd.invalidate(opened.rebuild, {s: every[s].outputs() + every[s].final_outputs() for s in opened.rebuild})
+        running = {c.name for c in classes}
+        for cls in classes:
+            for need in cls.needs:
+                if need not in running and wd.stage_status(need)["state"] != "done":
+                    raise RetroError(f"{cls.name} needs {need}, which is not done in {wd.root}; run "
+                                     f"'retro-pipeline {need} --workdir {wd.root}' (or build) first")
+        objs = [every[c.name] for c in classes]
         if objs:
             objs[0].check()  # check the inputs before the config is stored
-        wd.store(cfg, inputs=rebuild or not stored_inputs)
+        inputs = None
+        if opened.record_inputs:
+            inputs = record_inputs(p for st in every.values() for p in st.input_files())
+        wd.store(cfg.stored(), opened.fingerprints, inputs=inputs)
         attach_workdir_log(wd.root)
         executor = make_executor(run)
         out = {}
         for st in objs:
-            out[st.name] = run_stage(st, wd.markers_dir(st.name), executor, progress=run.progress)
+            out[st.name] = run_stage(st, executor, progress=run.progress)
         return out
 
 
-def status(workdir: str) -> dict[str, dict]:
-    wd = Workdir(workdir)
+def status(workdir) -> dict[str, dict]:
+    """Per stage in pipeline order: its state (done, partial, not started) and, where its outputs were made
+    from inputs or settings that changed since, ``stale`` saying which."""
+    from retro_pipeline.fingerprints import changed_inputs
+
+    wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
     if not wd.config_path.exists():
         raise RetroError(f"{wd.root}: not a retro-pipeline workdir (no config.json); run "
                          f"'retro-pipeline build --workdir {workdir} ...' first")
-    from retro_pipeline.fingerprints import changed_inputs
-
-    out = {s: wd.stage_status(s) for s in STAGE_ORDER}
-    changed = changed_inputs(wd.stored().get("inputs") or {})
-    if changed:  # every stage was built from the old inputs
-        for st in out.values():
-            if st["state"] != "not started":
-                st["stale"] = f"{changed[0][0]} {changed[0][1]}"
+    stored = wd.stored()
+    cfg, _ = cfgmod.resolve(stored, {})
+    out = {c.name: wd.stage_status(c.name) for c in all_stages()}
+    changed = dict(changed_inputs(stored.get("inputs") or {}))
+    fps, old_fps = fingerprints(cfg), wd.stored_fingerprints()
+    why: dict[str, str] = {}
+    for cls in all_stages():
+        files = {str(p) for p in make_stage(cls, wd, cfg).input_files()} & set(changed)
+        if files:
+            f = sorted(files)[0]
+            why[cls.name] = f"{f} {changed[f]}"
+        elif old_fps is not None and old_fps.get(cls.name) not in (None, fps[cls.name]):
+            why[cls.name] = "its settings changed"
+        else:
+            up = [why[n] for n in cls.needs if n in why]
+            if up:
+                why[cls.name] = up[0]
+    for name, st in out.items():
+        if name in why and st["state"] != "not started":
+            st["stale"] = why[name]
     return out
 
 
-def load_config(workdir: str):
+def load_config(workdir) -> Config:
     """The stored config of a workdir."""
-    from retro_pipeline import config as cfgmod
+    from retro_pipeline.read import WorkdirReader
 
-    wd = Workdir(workdir)
-    stored = wd.stored()
-    if not stored:
-        raise RetroError(f"{wd.root}: not a retro-pipeline workdir (no config.json)")
-    return cfgmod.validate(cfgmod.from_dict(stored))
+    return WorkdirReader(workdir if isinstance(workdir, Workdir) else Workdir(workdir)).config
+
+
+def _show(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    return repr(v)

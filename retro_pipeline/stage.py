@@ -1,27 +1,130 @@
-"""The stage protocol: plan deterministic blocks, process one block, finalize once.
+"""The stage protocol and its declarations: plan deterministic blocks, process one block, finalize once.
+
+A stage is a :class:`Stage` subclass that declares what it is: its ``name`` (the CLI subcommand and the
+``status`` row), the stages it ``needs``, its own :class:`Option` s (and which of them change its outputs),
+and its :class:`Resources`. Everything around it comes from those declarations: the pipeline order, the
+CLI subcommand with its options and help, the keys of ``config.json``, the stage's fingerprint (its
+output-changing options plus its upstream stages' fingerprints) and its ``status`` line. A new stage is
+one new module in ``retro_pipeline/stages/`` (every :class:`Stage` subclass defined there is found), or
+an entry point in the ``retro_pipeline.stages`` group for a stage that lives in another package.
 
 Stages don't orchestrate: executors (``retro_pipeline.executor``) own markers, retries, progress and logs,
-and the local and Ray executors run the same stage code. A stage object holds only plain data (config and
-paths) so it pickles to workers; whatever is costly to build (tokenizers, models) comes from ``setup``,
-called once per worker.
+and the local and Ray executors run the same stage code. A stage object holds only plain data (the
+workdir, the config and run options) so it pickles to workers; whatever is costly to build (tokenizers,
+models) comes from ``setup``, called once per worker.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from retro_pipeline.errors import RetroError
+
+if TYPE_CHECKING:
+    from retro_pipeline.config import Config
+    from retro_pipeline.workdir import Workdir
+
+
+# ---------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a stage: a CLI flag, a config-file key and (if ``changes_output``) a ``config.json`` key.
+
+    ``type`` is int, float, str or bool (a bool is a flag); ``minimum``/``choices`` bound it. ``normalize``
+    turns a checked value into its canonical, stored form (raise :class:`RetroError` for a bad one).
+    ``path`` marks a value that may name a file or directory: it is stored as an absolute path when it
+    exists, so the CLI and the Python API store the same value and the workdir works from anywhere.
+    """
+
+    name: str  # the Python / config key, e.g. "chunk_length"; the flag is --chunk-length
+    type: type
+    default: Any
+    help: str
+    changes_output: bool = True
+    minimum: float | None = None
+    open_minimum: bool = False  # minimum itself not allowed
+    choices: tuple[str, ...] | None = None
+    normalize: Callable[[Any], Any] | None = None
+    path: bool = False
+    shown_default: str | None = None  # the default as --help says it, when repr(default) would not do
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> Any:
+        """``value`` (from the command line, a config file or the Python API) as this option stores it."""
+        if value is None:
+            return None
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise RetroError(f"{self.flag} {value!r}: give true or false")
+        elif self.type in (int, float):
+            try:
+                if isinstance(value, bool) or (self.type is int and isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = self.type(value)
+            except (TypeError, ValueError):
+                raise RetroError(f"{self.flag} {value!r}: not {'an integer' if self.type is int else 'a number'}")
+            if self.minimum is not None and (value < self.minimum or (self.open_minimum and value == self.minimum)):
+                raise RetroError(f"{self.flag} {value}: must be {'above' if self.open_minimum else 'at least'} "
+                                 f"{self.minimum:g}")
+        elif self.type is str and not isinstance(value, (str, list, tuple, os.PathLike)):
+            value = str(value)
+        if self.choices is not None and value not in self.choices and value != self.default:
+            raise RetroError(f"{self.flag} {value!r}: choose one of {', '.join(self.choices)}")
+        if self.path and isinstance(value, (str, os.PathLike)) and value and \
+                os.path.exists(os.path.expanduser(str(value))):
+            value = os.path.abspath(os.path.expanduser(str(value)))
+        if self.normalize is not None:
+            value = self.normalize(value)
+        return value
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage asks for. ``gpus`` is asked only where the cluster has GPUs;
+    ``max_per_node`` caps the workers placed on one node (e.g. to share one memory-mapped index)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory: int | None = None  # bytes; None = no reservation
+    max_per_node: int | None = None
+
+
+# ---------------------------------------------------------------------- blocks
 
 
 @dataclass(frozen=True)
 class Block:
-    """One unit of work and of resume: rows ``[start, end)`` of something, written to ``path``."""
+    """One unit of work and of resume: rows ``[start, end)`` of something, written to ``paths``.
+
+    A block may own several files; it is done when its marker exists and every file has the size the
+    marker records. ``path`` is the first (for blocks of one file, the only) file.
+    """
 
     name: str  # unique within its stage, e.g. "corpus/000000-100000"
     start: int
     end: int
-    path: str
+    paths: tuple[str, ...]
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if isinstance(self.paths, (str, os.PathLike)):
+            object.__setattr__(self, "paths", (str(self.paths),))
+        else:
+            object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
+
+    @property
+    def path(self) -> str:
+        return self.paths[0]
 
     @property
     def size(self) -> int:
@@ -44,14 +147,30 @@ def block_file_name(start: int, end: int, n_total: int) -> str:
     return "%s-%s.hdf5" % (str(start).zfill(width), str(end).zfill(width))
 
 
+# ---------------------------------------------------------------------- the stage
+
+
 class Stage:
-    """Base class of a pipeline stage. Subclasses set ``name`` and implement the methods below."""
+    """Base class of a pipeline stage: set the class attributes, implement ``plan``/``process`` (and
+    optionally ``prepare``, ``setup``, ``finalize``, ``outputs``, ``input_files``).
 
-    name: str = "stage"
-    unit: str = "rows"  # what Block.size counts, for progress bars
-    num_cpus: float = 1.0  # default resources of one worker
-    num_gpus: float = 0.0
+    The first line of the class docstring is the subcommand's one-line help; the rest is its ``--help``.
+    """
 
+    name: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[tuple[Option, ...]] = ()
+    resources: ClassVar[Resources] = Resources()
+    unit: ClassVar[str] = "rows"  # what Block.size counts, for progress bars
+
+    def __init__(self, workdir: "Workdir", cfg: "Config", cpus: float | None = None, gpus: float | None = None):
+        self.workdir = workdir
+        self.cfg = cfg
+        # the worker shape, where the run overrides the declaration (--cpus-per-worker, --gpus-per-worker)
+        self.cpus = cpus
+        self.gpus = gpus
+
+    # ---- driver side
     def prepare(self) -> None:
         """Check inputs on the driver before anything is written (raise RetroError on bad input)."""
 
@@ -64,22 +183,131 @@ class Stage:
     def plan(self) -> list[Block]:
         raise NotImplementedError
 
-    def output_dirs(self) -> list[Path]:
-        """Directories this stage writes (swept for temporaries at start; removed by --force)."""
+    def outputs(self) -> list[Path]:
+        """Every file and directory this stage writes: swept for temporaries at start, removed by --force,
+        and a done stage whose outputs are missing is run again."""
         return []
 
     def final_outputs(self) -> list[Path]:
-        """Files written by ``finalize`` (removed by --force)."""
+        """The files of ``outputs`` that ``finalize`` writes (checked to exist before 'already done')."""
         return []
 
+    def input_files(self) -> list[Path]:
+        """Files outside the workdir that this stage reads: recorded at the first run and checked later."""
+        return []
+
+    # ---- worker side
     def setup(self, resources: dict[str, Any]) -> Any:
         """Build per-worker state once (tokenizers, a model). ``resources`` says the worker's CPUs/GPUs."""
         return None
 
     def process(self, block: Block, state: Any) -> dict[str, Any]:
-        """Write ``block.path`` atomically and return its counts (JSON-serialisable)."""
+        """Write the block's files atomically and return its counts (JSON-serialisable)."""
         raise NotImplementedError
 
     def finalize(self, blocks: list[Block], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Combine the finished blocks once; ``results`` maps block name → its marker. Return a summary."""
+        """Combine the finished blocks once, as a one-off job on a worker with this stage's resources;
+        ``results`` maps block name → its marker. Return a summary (JSON-serialisable)."""
         return {}
+
+    # ---- declarations, derived
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or cls.name).strip().splitlines()[0]
+
+    @classmethod
+    def output_keys(cls) -> tuple[str, ...]:
+        return tuple(o.name for o in cls.options if o.changes_output)
+
+
+def fingerprint(stage_cls: type[Stage], cfg: "Config", upstream: dict[str, str]) -> str:
+    """A hash of what a stage's outputs depend on: its output-changing options and its needs' fingerprints."""
+    d = {"stage": stage_cls.name, "options": {k: cfg[k] for k in stage_cls.output_keys()},
+         "needs": {n: upstream[n] for n in stage_cls.needs}}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- the registry
+
+_extra: dict[str, type[Stage]] = {}  # stages registered at run time (register())
+_found: dict[str, type[Stage]] | None = None
+
+
+def register(stage_cls: type[Stage]) -> type[Stage]:
+    """Add a stage defined outside ``retro_pipeline/stages/`` (usable as a class decorator)."""
+    _check_declaration(stage_cls)
+    _extra[stage_cls.name] = stage_cls
+    return stage_cls
+
+
+def unregister(name: str) -> None:
+    _extra.pop(name, None)
+
+
+def _check_declaration(cls: type[Stage]) -> None:
+    if not cls.name or cls.name != cls.name.lower() or " " in cls.name:
+        raise TypeError(f"{cls.__qualname__}: a stage needs a lower-case name without spaces")
+    if len({o.name for o in cls.options}) != len(cls.options):
+        raise TypeError(f"stage {cls.name}: two options share a name")
+
+
+def _discover() -> dict[str, type[Stage]]:
+    global _found
+    if _found is None:
+        import importlib
+        import pkgutil
+
+        import retro_pipeline.stages as pkg
+
+        found: dict[str, type[Stage]] = {}
+        for mod in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+            module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+            for obj in vars(module).values():
+                if isinstance(obj, type) and issubclass(obj, Stage) and obj.__module__ == module.__name__ \
+                        and obj.name:
+                    _check_declaration(obj)
+                    found[obj.name] = obj
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="retro_pipeline.stages"):
+            cls = ep.load()
+            _check_declaration(cls)
+            found[cls.name] = cls
+        _found = found
+    return _found
+
+
+def all_stages() -> list[type[Stage]]:
+    """Every stage, in pipeline order: each after the stages it needs (ties in name order)."""
+    stages = {**_discover(), **_extra}
+    options: dict[str, str] = {}
+    for cls in stages.values():
+        for n in cls.needs:
+            if n not in stages:
+                raise TypeError(f"stage {cls.name} needs '{n}', which no stage declares")
+        for o in cls.options:
+            if options.setdefault(o.name, cls.name) != cls.name:
+                raise TypeError(f"option {o.flag} is declared by both {options[o.name]} and {cls.name}")
+    order: list[type[Stage]] = []
+    placed: set[str] = set()
+    while len(order) < len(stages):
+        ready = sorted(n for n, c in stages.items() if n not in placed and all(d in placed for d in c.needs))
+        if not ready:
+            raise TypeError(f"stages {', '.join(sorted(set(stages) - placed))} need each other in a cycle")
+        # the first ready stage, so that a chain of needs stays together in order
+        order.append(stages[ready[0]])
+        placed.add(ready[0])
+    return order
+
+
+def all_options() -> list[Option]:
+    return [o for cls in all_stages() for o in cls.options]
+
+
+def downstream_of(names) -> set[str]:
+    """``names`` and every stage that needs one of them, directly or through others."""
+    out = set(names)
+    for cls in all_stages():  # pipeline order: a stage comes after its needs
+        if any(n in out for n in cls.needs):
+            out.add(cls.name)
+    return out

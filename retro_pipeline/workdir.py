@@ -1,13 +1,15 @@
-"""A build's working directory: paths, the stored config and its guard, the run lock and stage status.
+"""A build's working directory: every path and marker name, the stored config, the run lock and stage status.
 
 Layout (Megatron's where a format exists, see docs/formats.md)::
 
-    W/config.json                         output-changing settings of this build
+    W/config.json                         output-changing options, stage fingerprints, input records
     W/db/individual/<prefix>/<s>-<e>.hdf5 db-build blocks
     W/db/merged/{train,sampled,valid}.hdf5
     W/db/indexed_dataset_infos.json
     W/embed/<db>/<s>-<e>.hdf5             embedding blocks (dataset ``data``)
+    W/<stage>/                            the outputs of a stage without a Megatron format
     W/markers/<stage>/...                 block completion markers, the plan and the done marker
+    W/logs/<time>-<pid>.log               one log per command
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retro_pipeline import config as cfgmod
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import read_json, write_json
+
+FINGERPRINT_VERSION = 2  # how config.json's stage fingerprints are computed (retro_pipeline.stage.fingerprint)
 
 
 class Workdir:
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).absolute()
+        self.root = Path(root).expanduser().absolute()
         self._stored: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"Workdir({str(self.root)!r})"
 
     # ---- paths
     @property
@@ -52,6 +58,14 @@ class Workdir:
     def embed_dir(self, db: str) -> Path:
         return self.root / "embed" / db
 
+    def stage_dir(self, stage: str) -> Path:
+        """Outputs of a stage that has no Megatron format of its own."""
+        return self.root / stage
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
     def markers_dir(self, stage: str) -> Path:
         return self.root / "markers" / stage
 
@@ -60,6 +74,9 @@ class Workdir:
 
     def plan_marker(self, stage: str) -> Path:
         return self.markers_dir(stage) / "_plan.json"
+
+    def block_marker(self, stage: str, block_name: str) -> Path:
+        return self.markers_dir(stage) / (block_name.replace("/", "__") + ".json")
 
     # ---- config
     def stored(self) -> dict[str, Any]:
@@ -75,42 +92,23 @@ class Workdir:
             self._stored = d
         return dict(self._stored)
 
-    def resolve(self, given: dict[str, Any], force: bool = False) -> tuple[cfgmod.BuildConfig, list[str]]:
-        """Merge ``given`` options over the stored config over defaults.
-
-        Returns the config and the stages whose outputs must be rebuilt (only with ``force``). Options that
-        contradict the stored ones stop the run unless ``force`` is set.
-        """
+    def stored_fingerprints(self) -> dict[str, str] | None:
+        """The stage fingerprints config.json holds, or None where they were computed another way."""
         stored = self.stored()
-        stored_cfg = cfgmod.validate(cfgmod.from_dict(stored)) if stored else None
-        merged = cfgmod.from_dict({**(stored_cfg.to_dict() if stored_cfg else {}), **given})
-        merged = cfgmod.validate(merged)
-        conflicts = []
-        if stored_cfg is not None:
-            new, old = merged.to_dict(), stored_cfg.to_dict()
-            conflicts = [k for k in given if k in old and k in new and new[k] != old[k]]
-        if conflicts and not force:
-            old = stored_cfg.to_dict()
-            detail = "; ".join(f"{k}: stored {_show(old[k])}, given {_show(merged.to_dict()[k])}" for k in conflicts)
-            raise RetroError(
-                f"{self.config_path}: this workdir was built with other settings ({detail}); "
-                f"use a new --workdir, or pass --force to rebuild the stages they affect"
-            )
-        return merged, cfgmod.affected_stages(conflicts)
+        if stored.get("fingerprint_version") != FINGERPRINT_VERSION:
+            return None
+        return dict(stored.get("fingerprints") or {})
 
-    def store(self, cfg: cfgmod.BuildConfig, inputs: bool = False) -> None:
-        """Write the config, with each stage's fingerprint (a hash of the settings its outputs depend on) and,
-        with ``inputs``, a new record of the input files (see :mod:`retro_pipeline.fingerprints`)."""
-        fps = {s: cfg.fingerprint(keys) for s, keys in cfgmod.STAGE_KEYS.items()}
+    def store(self, values: dict[str, Any], fingerprints: dict[str, str], inputs: dict | None = None) -> None:
+        """Write the output-changing option ``values``, the stage ``fingerprints`` and, when given, a new record
+        of the input files (see :mod:`retro_pipeline.fingerprints`); other keys already there are kept."""
         stored = self.stored()
-        if inputs or "inputs" not in stored:
-            from retro_pipeline.fingerprints import record_inputs
-
-            stored["inputs"] = record_inputs(cfg)
-        self._stored = {**stored, **cfg.to_dict(), "fingerprints": fps}
+        if inputs is not None:
+            stored["inputs"] = inputs
+        self._stored = {**stored, **values, "fingerprints": fingerprints, "fingerprint_version": FINGERPRINT_VERSION}
         write_json(self.config_path, self._stored)
 
-    def invalidate(self, stages: list[str], outputs: dict[str, list[Path]]) -> None:
+    def invalidate(self, stages, outputs: dict[str, list[Path]]) -> None:
         """Delete the markers and outputs of ``stages`` (used by --force)."""
         for s in stages:
             for p in outputs.get(s, []):
@@ -152,9 +150,3 @@ class Workdir:
         n_done = sum(1 for p in self.markers_dir(stage).glob("*.json")
                      if not p.name.startswith("_") and p.stem.replace("__", "/") in names)
         return {"state": "partial", "blocks_done": n_done, "blocks_total": len(names)}
-
-
-def _show(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return " ".join(str(x) for x in v)
-    return repr(v)

@@ -188,10 +188,10 @@ def test_merge_memory_does_not_grow_with_the_corpus(tmp_path, gpt_tokenizer_path
         write_indexed_dataset(prefix, docs * copies, np.uint16)
         wd = tmp_path / f"w{copies}"
         build(wd, prefix, gpt_tokenizer_path, bert_dir, block_size=32, index_ntrain="200")
-        stage = DBBuildStage(str(wd), load_config(str(wd)))
+        stage = DBBuildStage(Workdir(wd), load_config(str(wd)))
         blocks = stage.plan()
         assert {b.size for b in blocks[:-1]} == {32}
-        results = {b.name: block_is_done(Workdir(wd).markers_dir("db-build"), b) for b in blocks}
+        results = {b.name: block_is_done(Workdir(wd).block_marker("db-build", b.name), b) for b in blocks}
         stage.finalize(blocks, results)  # warm-up: one-time allocations of h5py and numpy
         tracemalloc.start()
         stage.finalize(blocks, results)

@@ -12,7 +12,7 @@ import tokenizers
 from retro_pipeline.config import RunOptions
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
-from retro_pipeline.stages.embed import read_embeddings
+from retro_pipeline.read import read_embeddings
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
 
@@ -30,9 +30,9 @@ def given(prefix, gpt, model):
             "block_size": 64, "index_ntrain": "300"}
 
 
-def build(wd, prefix, gpt, model, **run):
-    return run_stages(str(wd), ["db-build", "embed-sampled"], given(prefix, gpt, model),
-                      RunOptions(progress=False, batch_size=16, **run))
+def build(wd, prefix, gpt, model, device=None, **run):
+    return run_stages(str(wd), ["db-build", "embed-sampled"], {**given(prefix, gpt, model), "batch_size": 16,
+                                                               "device": device}, RunOptions(progress=False, **run))
 
 
 def test_embeddings_match_encoder_and_are_worker_independent(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
@@ -64,7 +64,7 @@ def test_killed_embedding_resumes_without_recomputing(tmp_path, prefix, gpt_toke
     from retro_pipeline.stages import embed as embmod
 
     build(tmp_path / "clean", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local")
-    real = embmod.EmbedStage.process
+    real = embmod.EmbedSampledStage.process
     seen = []
 
     def dying(self, block, state):
@@ -73,7 +73,7 @@ def test_killed_embedding_resumes_without_recomputing(tmp_path, prefix, gpt_toke
         seen.append(block.name)
         return real(self, block, state)
 
-    monkeypatch.setattr(embmod.EmbedStage, "process", dying)
+    monkeypatch.setattr(embmod.EmbedSampledStage, "process", dying)
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local")
     done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "embed" / "sampled").glob("*.hdf5")}
@@ -84,7 +84,7 @@ def test_killed_embedding_resumes_without_recomputing(tmp_path, prefix, gpt_toke
         recomputed.append(block.name)
         return real(self, block, state)
 
-    monkeypatch.setattr(embmod.EmbedStage, "process", counting)
+    monkeypatch.setattr(embmod.EmbedSampledStage, "process", counting)
     out = build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local")
     assert out["embed-sampled"]["blocks_run"] == 3 and not set(recomputed) & set(seen)
     for name, mtime in done_before.items():  # finished blocks untouched
@@ -96,7 +96,7 @@ def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_b
     """A worker process that dies mid-block costs only that block: it is retried, the output is unchanged."""
     from retro_pipeline.executor.base import run_stage
     from retro_pipeline.executor.ray import RayExecutor
-    from retro_pipeline.stages.embed import EmbedStage
+    from retro_pipeline.stages.embed import EmbedSampledStage
     from retro_pipeline.workdir import Workdir
 
     build(tmp_path / "clean", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local")
@@ -105,19 +105,19 @@ def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_b
     flag = tmp_path / "die-once"
     flag.write_text("")
 
-    class DyingStage(EmbedStage):
+    class DyingStage(EmbedSampledStage):
         def process(self, block, state):
             if block.start == 128 and os.path.exists(flag):
                 os.unlink(flag)
                 os._exit(1)  # the worker process vanishes mid-block
             return super().process(block, state)
 
-    wd = Workdir(tmp_path / "w")
-    from retro_pipeline.pipeline import load_config
+    from retro_pipeline.config import resolve
 
-    stage = DyingStage(str(wd.root), load_config(str(wd.root)), batch_size=16, device="cpu")
+    wd = Workdir(tmp_path / "w")
+    stage = DyingStage(wd, resolve(wd.stored(), {"batch_size": 16, "device": "cpu"})[0])
     ex = RayExecutor(num_workers=2)
-    done = run_stage(stage, wd.markers_dir(stage.name), ex, progress=False)
+    done = run_stage(stage, ex, progress=False)
     # the dead worker's running block and the one queued behind it are retried; nothing else is
     assert 1 <= ex.stats["lost"] <= 2 and ex.stats["blocks"] == 5 and done["blocks_run"] == 5
     assert read_embeddings(str(wd.root)).tobytes() == read_embeddings(str(tmp_path / "clean")).tobytes()

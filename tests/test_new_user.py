@@ -54,7 +54,12 @@ def cli_run(args, timeout=120, env=None):
                                        ("--num-workers", "-3"), ("--chunk-length", "0"), ("--block-size", "0"),
                                        ("--cpus-per-worker", "0")])
 def test_bad_numbers_are_one_line_errors(tmp_path, corpus, gpt_tokenizer_path, bert_dir, opt, value):
-    r = CliRunner().invoke(cli, db_args(tmp_path / "w", corpus, gpt_tokenizer_path, bert_dir, opt, value))
+    if opt == "--batch-size":  # an option of the embedding stage
+        args = ["embed-sampled", "--workdir", str(tmp_path / "w"), opt, value]
+    else:
+        args = db_args(tmp_path / "w", corpus, gpt_tokenizer_path, bert_dir, opt, value)
+    r = CliRunner().invoke(cli, args)
+    assert "No such option" not in r.stderr
     assert r.exit_code == 2, r.output
     one_line_error(r.stderr, opt)
     assert not (tmp_path / "w").exists()

@@ -1,9 +1,10 @@
 """Running a stage: skip finished blocks, process the rest on an executor, finalize once, mark done.
 
 The executor owns everything around the stage code: completion markers (written last, with counts and the
-block file's size), retries of lost workers, progress bars and timing. A block is done when its marker exists
-and its file has the size the marker records; anything else is recomputed, so a run killed at any moment
-and started again gives the same outputs.
+size of each of the block's files), retries of lost workers, progress bars and timing. A block is done when
+its marker exists and its files have the sizes the marker records; anything else is recomputed, so a run
+killed at any moment and started again gives the same outputs. A stage's finalize is a one-off job that
+the executor runs where the stage's resources are (a Ray task on a cluster).
 """
 
 from __future__ import annotations
@@ -28,29 +29,36 @@ OnResult = Callable[[Block, dict], None]
 INFRA_RETRIES = 10
 
 
-def marker_path(markers_dir: Path, block: Block) -> Path:
-    return markers_dir / (block.name.replace("/", "__") + ".json")
-
-
 def run_block(stage: Stage, block: Block, state: Any) -> dict[str, Any]:
     """Process one block and describe its output for the completion marker."""
     t0 = time.perf_counter()
     counts = stage.process(block, state) or {}
-    size = os.path.getsize(block.path)
-    return {"block": block.name, "path": block.path, "bytes": size,
+    sizes = {p: os.path.getsize(p) for p in block.paths}
+    return {"block": block.name, "paths": list(block.paths), "bytes": sizes,
             "counts": counts, "seconds": round(time.perf_counter() - t0, 3), "host": os.uname().nodename}
 
 
-def block_is_done(markers_dir: Path, block: Block) -> dict | None:
-    m = read_json(marker_path(markers_dir, block))
+def block_is_done(marker: Path, block: Block) -> dict | None:
+    """The block's marker if the block is done: the marker exists and every file has the size it records."""
+    m = read_json(marker)
     if m is None:
         return None
+    sizes = m.get("bytes")
+    if isinstance(sizes, int) and len(block.paths) == 1:  # a marker of one file, as earlier versions wrote it
+        sizes = {block.path: sizes}
+    if not isinstance(sizes, dict) or set(sizes) != set(block.paths):
+        return None
     try:
-        if os.path.getsize(block.path) != m.get("bytes"):
+        if any(os.path.getsize(p) != sizes[p] for p in block.paths):
             return None
     except OSError:
         return None
     return m
+
+
+def stage_failed(stage: Stage, what: str, e: BaseException) -> StageFailed:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return StageFailed(f"[{stage.name}] {what} failed: {type(e).__name__}: {first}")
 
 
 class LocalExecutor:
@@ -66,27 +74,39 @@ class LocalExecutor:
             return
         state = stage.setup({"num_cpus": self.num_threads or os.cpu_count() or 1, "num_gpus": 0})
         for block in blocks:
-            try:
-                result = run_block(stage, block, state)
-            except UserError:
-                raise
-            except Exception as e:  # stage code: it would fail the same way again
-                log.debug("[%s] block %s failed", stage.name, block.name, exc_info=True)
-                raise StageFailed(f"[{stage.name}] block {block.name} failed: {type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
-            on_result(block, result)
+            on_result(block, self._call(stage, f"block {block.name}", run_block, stage, block, state))
+
+    def run_once(self, stage: Stage, what: str, fn, *args) -> Any:
+        """A one-off job of ``stage`` (e.g. its finalize): here, in this process."""
+        return self._call(stage, what, fn, *args)
+
+    @staticmethod
+    def _call(stage: Stage, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except UserError:
+            raise
+        except Exception as e:  # stage code: it would fail the same way again
+            log.debug("[%s] %s failed", stage.name, what, exc_info=True)
+            raise stage_failed(stage, what, e) from e
 
 
-def run_stage(stage: Stage, markers_dir: Path, executor, progress: bool = True) -> dict[str, Any]:
+def finalize(stage: Stage, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
+    return stage.finalize(blocks, results) or {}
+
+
+def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
     """Run ``stage`` to completion with ``executor``; returns the done marker's content."""
-    done_path = markers_dir / "_done.json"
+    wd = stage.workdir
+    markers_dir = wd.markers_dir(stage.name)
+    done_path = wd.done_marker(stage.name)
     done = read_json(done_path)
     if done is not None and all(p.exists() for p in stage.final_outputs()):
         log.info("[%s] already done", stage.name)
         return done
     t0 = time.perf_counter()
     stage.check()
-    swept = sweep_temporaries(*stage.output_dirs())
+    swept = sweep_temporaries(*[p for p in stage.outputs() if p.is_dir()])
     if swept:
         log.info("[%s] removed %d temporary file(s) left by an interrupted run", stage.name, swept)
     blocks = stage.plan()
@@ -94,12 +114,12 @@ def run_stage(stage: Stage, markers_dir: Path, executor, progress: bool = True) 
     if len(set(names)) != len(names):
         raise RuntimeError(f"stage {stage.name} planned duplicate block names")
     markers_dir.mkdir(parents=True, exist_ok=True)
-    write_json(markers_dir / "_plan.json", {"blocks": names, "rows": sum(b.size for b in blocks)})
+    write_json(wd.plan_marker(stage.name), {"blocks": names, "rows": sum(b.size for b in blocks)})
 
     results: dict[str, dict] = {}
     todo: list[Block] = []
     for b in blocks:
-        m = block_is_done(markers_dir, b)
+        m = block_is_done(wd.block_marker(stage.name, b.name), b)
         if m is None:
             todo.append(b)
         else:
@@ -115,7 +135,7 @@ def run_stage(stage: Stage, markers_dir: Path, executor, progress: bool = True) 
                    desc=stage.name, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
     def on_result(block: Block, result: dict) -> None:
-        write_json(marker_path(markers_dir, block), result)
+        write_json(wd.block_marker(stage.name, block.name), result)
         results[block.name] = result
         if bar is not None:
             bar.update(block.size)
@@ -126,7 +146,7 @@ def run_stage(stage: Stage, markers_dir: Path, executor, progress: bool = True) 
     finally:
         if bar is not None:
             bar.close()
-    summary = stage.finalize(blocks, results) or {}
+    summary = executor.run_once(stage, "finalize", finalize, stage, blocks, results)
     done = {"stage": stage.name, "blocks": len(blocks), "blocks_run": len(todo),
             "seconds": round(time.perf_counter() - t0, 3), **summary}
     write_json(done_path, done)

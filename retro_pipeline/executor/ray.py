@@ -16,8 +16,9 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
-from retro_pipeline.errors import RetroError, StageFailed, UserError, require
-from retro_pipeline.executor.base import INFRA_RETRIES, OnResult, run_block
+from retro_pipeline.errors import RetroError, UserError, require
+from retro_pipeline.executor.base import INFRA_RETRIES, OnResult, run_block, stage_failed
+from retro_pipeline.logs import replay, run_capturing_logs
 from retro_pipeline.stage import Block, Stage
 
 log = logging.getLogger(__name__)
@@ -117,18 +118,54 @@ def _send_token_if_we_have_one() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def check_feasible(ray, cpus: float, gpus: float) -> None:
+def worker_shape(ray, stage: Stage) -> tuple[float, float, int | None]:
+    """(CPUs, GPUs, memory) of one worker of ``stage``: the run's overrides, else its declared resources;
+    declared GPUs only where the cluster has GPUs."""
+    res = stage.resources
+    cpus = stage.cpus if stage.cpus is not None else res.cpus
+    if stage.gpus is not None:
+        gpus = stage.gpus
+    else:
+        gpus = res.gpus if res.gpus and ray.cluster_resources().get("GPU", 0) >= res.gpus else 0.0
+    return cpus, gpus, res.memory
+
+
+def check_feasible(ray, cpus: float, gpus: float, memory: int | None = None) -> None:
     """A worker that no node of the cluster could ever hold is an error now, not an endless autoscaler wait."""
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus and r.get("memory", 0) >= (memory or 0)
+           for r in nodes):
         return
     best_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
     best_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
+    best_mem = max((r.get("memory", 0) for r in nodes), default=0)
     if gpus > 0 and best_gpu < gpus:
         raise RetroError(f"--gpus-per-worker {gpus:g}: no node of the Ray cluster has {gpus:g} GPUs (the most "
                          f"on one node: {best_gpu:g}); use --device cpu or fewer GPUs per worker")
+    if memory and best_mem < memory:
+        raise RetroError(f"a worker needs {memory / 2**30:.1f} GiB of memory and no node of the Ray cluster has "
+                         f"that much for Ray workers (the most on one node: {best_mem / 2**30:.1f} GiB); use "
+                         f"larger nodes or lower the stage's memory need")
     raise RetroError(f"--cpus-per-worker {cpus:g}: no node of the Ray cluster has {cpus:g} CPUs{' and ' + format(gpus, 'g') + ' GPUs' if gpus else ''} "
                      f"(the most on one node: {best_cpu:g} CPUs); lower --cpus-per-worker")
+
+
+def node_slots(ray, cpus: float, gpus: float, max_per_node: int) -> list[str]:
+    """Node ids for the workers of a stage that allows at most ``max_per_node`` workers per node: each alive
+    node repeated as often as it holds a worker (capped), nodes taking turns."""
+    per_node = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        r = n.get("Resources", {})
+        fit = int(min(r.get("CPU", 0) // cpus if cpus else max_per_node,
+                      r.get("GPU", 0) // gpus if gpus else max_per_node, max_per_node))
+        if fit > 0:
+            per_node.append([n["NodeID"]] * fit)
+    slots = []
+    for k in range(max((len(x) for x in per_node), default=0)):
+        slots += [x[k] for x in per_node if k < len(x)]
+    return slots
 
 
 class _StageWorker:
@@ -145,42 +182,76 @@ class _StageWorker:
         except Exception as e:  # raised from process(), so a RetroError reaches the driver as itself
             self.setup_error = e
 
-    def process(self, block: Block) -> dict[str, Any]:
+    def process(self, block: Block) -> tuple[dict[str, Any], list]:
         if self.setup_error is not None:
             raise self.setup_error
-        return run_block(self.stage, block, self.state)
+        return run_capturing_logs(run_block, self.stage, block, self.state)
 
     def pid(self) -> int:
         return os.getpid()
 
 
+def _one_off(fn, *args):
+    return run_capturing_logs(fn, *args)
+
+
 class RayExecutor:
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_workers: int | None = None,
-                 cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
-                 inflight_per_worker: int = 2):
+    def __init__(self, address: str | None = None, num_workers: int | None = None, inflight_per_worker: int = 2):
         self.address = address
         self.num_workers = num_workers
-        self.cpus_per_worker = cpus_per_worker
-        self.gpus_per_worker = gpus_per_worker
         self.inflight_per_worker = inflight_per_worker
         self.stats: dict[str, int] = defaultdict(int)  # blocks run, retries, lost workers
 
-    def pool_shape(self, stage: Stage, n_blocks: int) -> tuple[int, float, float]:
+    def pool_shape(self, stage: Stage, n_blocks: int) -> tuple[int, float, float, int | None, list[str] | None]:
+        """(workers, CPUs, GPUs and memory per worker, node of each worker or None)."""
         ray = ensure_ray(self.address)
         res = ray.cluster_resources()
-        gpus = self.gpus_per_worker if self.gpus_per_worker is not None else (
-            stage.num_gpus if res.get("GPU", 0) >= max(stage.num_gpus, 1e-9) else 0.0)
-        cpus = self.cpus_per_worker if self.cpus_per_worker is not None else stage.num_cpus
+        cpus, gpus, memory = worker_shape(ray, stage)
+        check_feasible(ray, cpus, gpus, memory)
         if self.num_workers:
             n = self.num_workers
         elif gpus > 0:
             n = int(res.get("GPU", 0) // gpus)
         else:
             n = int(res.get("CPU", 1) // max(cpus, 1e-9))
-        check_feasible(ray, cpus, gpus)
-        return max(1, min(n, n_blocks)), cpus, gpus
+        nodes = None
+        if stage.resources.max_per_node:
+            nodes = node_slots(ray, cpus, gpus, stage.resources.max_per_node)
+            n = min(n, len(nodes))
+        n = max(1, min(n, n_blocks))
+        return n, cpus, gpus, memory, nodes[:n] if nodes else None
+
+    def _options(self, cpus: float, gpus: float, memory: int | None, node: str | None = None) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+        if memory:
+            opts["memory"] = memory
+        if node is not None:  # soft: a lost node's worker restarts elsewhere
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
+        return opts
+
+    def run_once(self, stage: Stage, what: str, fn, *args) -> Any:
+        """A one-off job of ``stage`` (e.g. its finalize) as a Ray task with the stage's resources."""
+        ray = ensure_ray(self.address)
+        from ray.exceptions import RayTaskError
+
+        cpus, gpus, memory = worker_shape(ray, stage)
+        check_feasible(ray, cpus, gpus, memory)
+        task = ray.remote(_one_off).options(max_retries=INFRA_RETRIES, retry_exceptions=False,
+                                            **self._options(cpus, gpus, memory))
+        try:
+            result, records = ray.get(task.remote(fn, *args))
+        except RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            if isinstance(cause, UserError):
+                raise RetroError(str(cause)) from None
+            log.debug("[%s] %s failed:\n%s", stage.name, what, e)
+            raise stage_failed(stage, what, cause) from None
+        replay(records)
+        return result
 
     def run(self, stage: Stage, blocks: list[Block], on_result: OnResult) -> None:
         if not blocks:
@@ -188,11 +259,12 @@ class RayExecutor:
         ray = ensure_ray(self.address)
         from ray.exceptions import RayError, RayTaskError
 
-        n, cpus, gpus = self.pool_shape(stage, len(blocks))
+        n, cpus, gpus, memory, nodes = self.pool_shape(stage, len(blocks))
         worker_cls = ray.remote(_StageWorker)
         resources = {"num_cpus": cpus, "num_gpus": gpus}
-        actors = [worker_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_concurrency=1)
-                  .remote(stage, resources) for _ in range(n)]
+        actors = [worker_cls.options(max_restarts=-1, max_concurrency=1,
+                                     **self._options(cpus, gpus, memory, nodes[i] if nodes else None))
+                  .remote(stage, resources) for i in range(n)]
         pending: deque[Block] = deque(blocks)
         inflight: dict[Any, tuple[Block, Any]] = {}
         load: dict[int, int] = defaultdict(int)
@@ -215,8 +287,7 @@ class RayExecutor:
                         if isinstance(cause, UserError):
                             raise RetroError(str(cause)) from None
                         log.debug("[%s] block %s failed:\n%s", stage.name, block.name, e)
-                        raise StageFailed(f"[{stage.name}] block {block.name} failed: "
-                                          f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
+                        raise stage_failed(stage, f"block {block.name}", cause) from None
                     except RayError as e:  # a lost worker, actor or node: retry elsewhere
                         infra_failures[block.name] += 1
                         self.stats["retries"] += 1
@@ -230,6 +301,8 @@ class RayExecutor:
                         time.sleep(0.2)
                     else:
                         self.stats["blocks"] += 1
+                        result, records = result
+                        replay(records)
                         on_result(block, result)
         finally:
             for a in actors:

@@ -13,41 +13,91 @@ the first chunks as the sample, as Megatron did, chunk for chunk.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retro_pipeline import sizing
+from retro_pipeline.arrays import offsets
 from retro_pipeline.chunks import BertLengths, chunk_spans, chunk_texts, doc_lengths_without_eod
-from retro_pipeline.config import BuildConfig
+from retro_pipeline.config import DEFAULT_EMBEDDER
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write, write_json
-from retro_pipeline.stage import Block, Stage, block_file_name, block_ranges, rows_per_block
-from retro_pipeline.workdir import Workdir
+from retro_pipeline.stage import Block, Option, Resources, Stage, block_file_name, block_ranges, rows_per_block
 
 log = logging.getLogger(__name__)
 
 TEXT_BATCH = 16384  # chunks detokenized and re-tokenized per call
 
 
+SPLIT_MODES = ("random", "megatron")
+
+
+def normalize_blend(spec) -> list[str]:
+    """A blend as Megatron's ``data_path`` list with absolute prefixes (files are checked in prepare)."""
+    from retro_pipeline.corpus import blend_to_list, parse_blend
+
+    return blend_to_list([(w, os.path.abspath(os.path.expanduser(p))) for w, p in parse_blend(spec, check_files=False)])
+
+
+def normalize_split(split) -> str:
+    try:
+        parts = [float(x) for x in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        raise RetroError(f"--split {split!r}: not numbers; give train,valid,test proportions such as 98,2,0") from None
+    if len(parts) == 2:
+        parts.append(0.0)
+    if len(parts) != 3 or any(p < 0 for p in parts) or parts[0] <= 0:
+        raise RetroError(f"--split {split!r}: need three non-negative proportions with train > 0, e.g. 98,2,0")
+    return ",".join(f"{p:g}" for p in parts)
+
+
+def normalize_ntrain(value) -> str:
+    ntrain = str(value)
+    if ntrain != "auto" and not (ntrain.isdigit() and int(ntrain) > 0):
+        raise RetroError(f"--index-ntrain {ntrain!r}: give a positive number of chunks or 'auto'")
+    return ntrain
+
+
 class DBBuildStage(Stage):
+    """Chunk the corpora into db/individual blocks and db/merged/{train,sampled,valid}.hdf5.
+
+    Each corpus is cut into chunks of --chunk-length GPT tokens per document; every chunk's text is
+    measured with the embedder's tokenizer (empty ones are set aside), documents are split into train and
+    valid, and the index-training sample is drawn from the train chunks (docs/formats.md §2).
+    """
+
     name = "db-build"
     unit = "docs"
+    resources = Resources(cpus=1)
+    options = (
+        Option("data_path", str, (), "GPT token corpora: 'PREFIX' or a blend 'W1 PREFIX1 W2 PREFIX2 ...' of Megatron "
+               ".bin/.idx files. Required at the first run.", normalize=normalize_blend, shown_default="none"),
+        Option("gpt_tokenizer", str, "", "Tokenizer of those corpora: a tokenizer.json, a directory, 'gpt2' "
+               "(packaged GPT-2 BPE) or a hub id. Required at the first run.", path=True, shown_default="none"),
+        Option("embedder", str, DEFAULT_EMBEDDER, "Encoder for chunk embeddings (its tokenizer also measures "
+               "chunks here): a directory or hub id.", path=True, shown_default="the packaged all-MiniLM-L6-v2"),
+        Option("chunk_length", int, 64, "GPT tokens per chunk.", minimum=1),
+        Option("split", str, "98,2,0", "train,valid,test proportions of documents.", normalize=normalize_split),
+        Option("split_mode", str, "random", "random: seeded random split and index sample; megatron: "
+               "document-order split and first-N sample, as Megatron.", choices=SPLIT_MODES),
+        Option("seed", int, 1234, "Seed of every random choice.", minimum=0),
+        Option("index_ntrain", str, "auto", "Chunks sampled to train the index, or 'auto'.",
+               normalize=normalize_ntrain),
+        Option("block_size", int, 100000, "Rows per block file at most: the unit of work and of resume; small "
+               "inputs are cut into about 64 blocks.", minimum=1),
+    )
 
-    def __init__(self, workdir: str, cfg: BuildConfig):
-        self.workdir = str(workdir)
-        self.cfg = cfg
+    def __init__(self, workdir, cfg, **kw):
+        super().__init__(workdir, cfg, **kw)
         self._datasets = None
 
     def __getstate__(self):  # memory maps stay on the process that opened them
         return {**self.__dict__, "_datasets": None}
 
     # ---- driver side
-    @property
-    def wd(self) -> Workdir:
-        return Workdir(self.workdir)
-
     def dir_names(self) -> list[str]:
         names = [Path(p).name for _, p in self.cfg.blend()]
         for i, n in enumerate(names):
@@ -64,6 +114,7 @@ class DBBuildStage(Stage):
         return self._datasets
 
     def prepare(self) -> None:
+        from retro_pipeline.corpus import parse_blend
         from retro_pipeline.tokenizers import load_embedder_tokenizer, load_gpt_tokenizer
 
         if not self.cfg.data_path:
@@ -72,6 +123,7 @@ class DBBuildStage(Stage):
         if not self.cfg.gpt_tokenizer:
             raise RetroError("--gpt-tokenizer is required on the first run of a workdir: the tokenizer the "
                              "corpora were made with (a tokenizer.json, a directory, 'gpt2' or a hub id)")
+        parse_blend(self.cfg.data_path, check_files=True)
         self.dir_names()
         for ds in self.datasets():
             if len(ds) == 0:
@@ -84,17 +136,23 @@ class DBBuildStage(Stage):
         blocks = []
         for ds_idx, (ds, dname) in enumerate(zip(self.datasets(), self.dir_names())):
             n = len(ds)
-            d = self.wd.db_dir / "individual" / dname
+            d = self.workdir.individual_db_dir(dname)
             for s, e in block_ranges(n, rows_per_block(n, self.cfg.block_size, floor=32)):
                 fname = block_file_name(s, e, n)
                 blocks.append(Block(f"{dname}/{fname[:-5]}", s, e, str(d / fname), {"ds": ds_idx}))
         return blocks
 
-    def output_dirs(self) -> list[Path]:
-        return [self.wd.db_dir]
+    def outputs(self) -> list[Path]:
+        return [self.workdir.db_dir]
+
+    def input_files(self) -> list[Path]:
+        from retro_pipeline.fingerprints import model_files
+
+        files = [Path(prefix + suffix) for _, prefix in self.cfg.blend() for suffix in (".idx", ".bin")]
+        return files + model_files(self.cfg.gpt_tokenizer, "gpt") + model_files(self.cfg.embedder_spec(), "embedder")
 
     def final_outputs(self) -> list[Path]:
-        return [self.wd.merged_db_path(n) for n in ("train", "sampled", "valid")] + [self.wd.infos_path]
+        return [self.workdir.merged_db_path(n) for n in ("train", "sampled", "valid")] + [self.workdir.infos_path]
 
     # ---- worker side
     def setup(self, resources: dict[str, Any]):
@@ -132,7 +190,7 @@ class DBBuildStage(Stage):
         rows = np.stack([doc_idx + s, start, end, blen], axis=1).astype(np.uint32)
         valid = blen > 0
         per_doc = np.bincount(doc_idx[valid], minlength=e - s)
-        doc_offsets = np.stack([np.arange(s, e), np.cumsum(per_doc)], axis=1).astype(np.uint64)
+        doc_offsets = np.stack([np.arange(s, e), offsets(per_doc)[1:]], axis=1).astype(np.uint64)
         with atomic_path(block.path) as tmp:
             with h5_open_write(tmp) as f:
                 h5_create(f, "chunks_valid", data=rows[valid].reshape(-1, 4))
@@ -164,7 +222,7 @@ class DBBuildStage(Stage):
     def finalize(self, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
         import h5py
 
-        cfg, wd = self.cfg, self.wd
+        cfg, wd = self.cfg, self.workdir
         train_frac = cfg.split_fractions()[0]
         blend = cfg.blend()
         per_ds = [[b for b in blocks if b.meta["ds"] == i] for i in range(len(blend))]
@@ -244,7 +302,7 @@ class DBBuildStage(Stage):
                     valid_chunks[pos["valid"]:pos["valid"] + len(va)] = va
                     pos["valid"] += len(va)
                     doc_ids = np.arange(b.start, b.end)[mask]
-                    ends = r0 + np.cumsum(counts[mask])
+                    ends = r0 + offsets(counts[mask])[1:]
                     docs = np.stack([np.full(len(doc_ids), ds_idx), doc_ids, ends], axis=1).astype(np.uint64)
                     train_docs[pos["doc"]:pos["doc"] + len(docs)] = docs
                     pos["doc"] += len(docs)

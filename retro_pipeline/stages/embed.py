@@ -1,9 +1,10 @@
-"""Embedding: blocks of chunk-database rows → embeddings on disk, one file per block.
+"""embed-sampled: the index-training sample's chunks → embeddings on disk, one file per block.
 
-Rows of ``db/merged/<db>.hdf5`` become text through the shared GPT-tokens-to-text path
-(:mod:`retro_pipeline.chunks`) and are embedded by :class:`embedder.Encoder`, loaded once per worker. Each
-block is written to ``embed/<db>/<start>-<end>.hdf5`` as dataset ``data`` [n, dim] (float32 by default,
-float16 with ``embed_dtype``). Workers ask Ray for a GPU when the cluster has one and use CPUs otherwise.
+Rows of ``db/merged/sampled.hdf5`` become text through the shared GPT-tokens-to-text path
+(:class:`retro_pipeline.read.ChunkReader`) and are embedded by :class:`embedder.Encoder`, loaded once per
+worker. Each block is written to ``embed/sampled/<start>-<end>.hdf5`` as dataset ``data`` [n, dim]
+(float32 by default, float16 with ``embed_dtype``). Workers ask Ray for a GPU when the cluster has one and
+use CPUs otherwise.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from retro_pipeline.chunks import chunk_texts
-from retro_pipeline.config import BuildConfig
+from embedder.settings import DTYPE_NAMES, POOLINGS
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write
-from retro_pipeline.stage import Block, Stage, block_file_name, block_ranges, rows_per_block
-from retro_pipeline.workdir import Workdir
+from retro_pipeline.stage import Block, Option, Resources, Stage, block_file_name, block_ranges, rows_per_block
 
 
-def load_encoder(cfg: BuildConfig, device=None, dtype=None, num_threads=None):
+def load_encoder(cfg, device=None, dtype=None, num_threads=None):
     from transformers.utils import logging as hf_logging
 
     from embedder import Encoder
@@ -32,77 +31,61 @@ def load_encoder(cfg: BuildConfig, device=None, dtype=None, num_threads=None):
                         num_threads=num_threads)
 
 
-class ChunkReader:
-    """Text of chunk-database rows ``(dataset_idx, doc_id, token_start, token_end, ...)``, in bulk."""
+class EmbedSampledStage(Stage):
+    """Embed the index-training sample (db/merged/sampled.hdf5) into embed/sampled/ blocks.
 
-    def __init__(self, cfg: BuildConfig):
-        from retro_pipeline.corpus import IndexedDataset
-        from retro_pipeline.tokenizers import load_gpt_tokenizer
+    Uses the --embedder given to db-build; on GPU workers where the cluster has GPUs, else on CPUs.
+    """
 
-        self.gpt = load_gpt_tokenizer(cfg.gpt_tokenizer)
-        self.datasets = [IndexedDataset(p) for _, p in cfg.blend()]
-
-    def texts(self, rows: np.ndarray) -> list[str]:
-        rows = np.asarray(rows, dtype=np.int64)
-        out: list[str] = [""] * len(rows)
-        for ds_idx in np.unique(rows[:, 0]):
-            sel = np.flatnonzero(rows[:, 0] == ds_idx)
-            r = rows[sel]
-            ds = self.datasets[int(ds_idx)]
-            abs_start = np.asarray(ds.sequence_offsets, dtype=np.int64)[r[:, 1]] + r[:, 2]
-            for i, t in zip(sel, chunk_texts(self.gpt, ds.tokens, abs_start, r[:, 3] - r[:, 2])):
-                out[i] = t
-        return out
-
-
-class EmbedStage(Stage):
-    name = "embed"
+    name = "embed-sampled"
+    needs = ("db-build",)
     unit = "chunks"
-    num_cpus = 1.0
-    num_gpus = 1.0  # used only where the cluster has GPUs
+    resources = Resources(cpus=1, gpus=1)  # the GPU only where the cluster has GPUs
+    db = "sampled"
+    options = (
+        Option("pooling", str, "", "Embedding pooling.", choices=POOLINGS, shown_default="the model's own, else mean"),
+        Option("embed_dtype", str, "float32", "On-disk dtype of the stored embeddings.",
+               choices=("float32", "float16")),
+        Option("device", str, None, "Embedding device.", changes_output=False, choices=("cpu", "cuda"),
+               shown_default="cuda when present"),
+        Option("dtype", str, None, "Embedding precision.", changes_output=False, choices=DTYPE_NAMES,
+               shown_default="float16 on cuda, float32 on cpu"),
+        Option("batch_size", int, 128, "Texts per encoder batch.", changes_output=False, minimum=1),
+    )
 
-    def __init__(self, workdir: str, cfg: BuildConfig, db: str = "sampled", device: str | None = None,
-                 dtype: str | None = None, batch_size: int = 128):
-        self.workdir = str(workdir)
-        self.cfg = cfg
-        self.db = db
-        self.name = f"embed-{db}"
-        self.device = device
-        self.dtype = dtype
-        self.batch_size = batch_size
-        if device == "cpu":
-            self.num_gpus = 0.0  # don't hold a cluster's GPUs for CPU work
-
-    @property
-    def wd(self) -> Workdir:
-        return Workdir(self.workdir)
+    def __init__(self, workdir, cfg, **kw):
+        super().__init__(workdir, cfg, **kw)
+        if cfg.device == "cpu":
+            self.gpus = 0.0  # don't hold a cluster's GPUs for CPU work
 
     def n_rows(self) -> int:
-        import h5py
+        from retro_pipeline.read import WorkdirReader
 
-        path = self.wd.merged_db_path(self.db)
-        if not path.exists():
-            raise RetroError(f"{path}: the chunk database is missing; run 'retro-pipeline db-build --workdir "
-                             f"{self.workdir}' first")
-        with h5py.File(path, "r") as f:
-            return int(f["n_written"][0])
+        return WorkdirReader(self.workdir).db_num_chunks(self.db)
 
     def prepare(self) -> None:
         self.n_rows()
 
     def plan(self) -> list[Block]:
         n = self.n_rows()
-        out = self.wd.embed_dir(self.db)
+        out = self.workdir.embed_dir(self.db)
         return [Block(block_file_name(s, e, n)[:-5], s, e, str(out / block_file_name(s, e, n)))
                 for s, e in block_ranges(n, rows_per_block(n, self.cfg.block_size, floor=256))]
 
-    def output_dirs(self) -> list[Path]:
-        return [self.wd.embed_dir(self.db)]
+    def outputs(self) -> list[Path]:
+        return [self.workdir.embed_dir(self.db)]
+
+    def input_files(self) -> list[Path]:
+        from retro_pipeline.fingerprints import model_files
+
+        return model_files(self.cfg.embedder_spec(), "embedder")
 
     def setup(self, resources: dict[str, Any]):
         import torch
 
-        device = self.device
+        from retro_pipeline.read import ChunkReader
+
+        device = self.cfg.device
         if device is None and not resources.get("num_gpus"):
             device = "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -110,17 +93,16 @@ class EmbedStage(Stage):
                              f"{torch.__version__}); use --device cpu or a GPU node with a CUDA build of torch")
         threads = max(1, int(resources.get("num_cpus") or 1))
         return {"reader": ChunkReader(self.cfg),
-                "encoder": load_encoder(self.cfg, device=device, dtype=self.dtype, num_threads=threads)}
+                "encoder": load_encoder(self.cfg, device=device, dtype=self.cfg.dtype, num_threads=threads)}
 
     def embed_rows(self, rows: np.ndarray, state) -> np.ndarray:
         texts = state["reader"].texts(rows)
-        return state["encoder"].encode(texts, batch_size=self.batch_size)
+        return state["encoder"].encode(texts, batch_size=self.cfg.batch_size)
 
     def process(self, block: Block, state) -> dict[str, Any]:
-        import h5py
+        from retro_pipeline.read import WorkdirReader
 
-        with h5py.File(self.wd.merged_db_path(self.db), "r") as f:
-            rows = f["chunks"][block.start:block.end]
+        rows = WorkdirReader(self.workdir).db_chunks(self.db, block.start, block.end)
         emb = self.embed_rows(rows, state).astype(self.cfg.embed_dtype, copy=False)
         with atomic_path(block.path) as tmp:
             with h5_open_write(tmp) as f:
@@ -131,17 +113,3 @@ class EmbedStage(Stage):
         dims = {r["counts"]["dim"] for r in results.values()}
         return {"n_chunks": sum(r["counts"]["chunks"] for r in results.values()),
                 "dim": dims.pop() if len(dims) == 1 else None}
-
-
-def read_embeddings(workdir: str, db: str = "sampled") -> np.ndarray:
-    """All embedding blocks of ``db`` in row order, as one float32 array (for inspection and tests)."""
-    import h5py
-
-    files = sorted(Workdir(workdir).embed_dir(db).glob("*.hdf5"))
-    if not files:
-        raise RetroError(f"{Workdir(workdir).embed_dir(db)}: no embeddings; run 'retro-pipeline embed' first")
-    parts = []
-    for p in files:
-        with h5py.File(p, "r") as f:
-            parts.append(f["data"][...].astype(np.float32))
-    return np.concatenate(parts)

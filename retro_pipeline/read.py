@@ -1,0 +1,108 @@
+"""The read side of a workdir: merged chunk DBs, chunk texts and embeddings (later the index and neighbors).
+
+Stages, the CLI's summaries and tests read a finished workdir only through here; it becomes the body of
+``retro.init(workdir)``. Everything opens lazily and reads in bulk.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from retro_pipeline.errors import RetroError
+
+if TYPE_CHECKING:
+    from retro_pipeline.config import Config
+    from retro_pipeline.workdir import Workdir
+
+
+class ChunkReader:
+    """Text of chunk-database rows ``(dataset_idx, doc_id, token_start, token_end, ...)``, in bulk."""
+
+    def __init__(self, cfg: "Config"):
+        from retro_pipeline.corpus import IndexedDataset
+        from retro_pipeline.tokenizers import load_gpt_tokenizer
+
+        self.gpt = load_gpt_tokenizer(cfg.gpt_tokenizer)
+        self.datasets = [IndexedDataset(p) for _, p in cfg.blend()]
+
+    def texts(self, rows: np.ndarray) -> list[str]:
+        from retro_pipeline.chunks import chunk_texts
+
+        rows = np.asarray(rows, dtype=np.int64)
+        out: list[str] = [""] * len(rows)
+        for ds_idx in np.unique(rows[:, 0]):
+            sel = np.flatnonzero(rows[:, 0] == ds_idx)
+            r = rows[sel]
+            ds = self.datasets[int(ds_idx)]
+            abs_start = np.asarray(ds.sequence_offsets, dtype=np.int64)[r[:, 1]] + r[:, 2]
+            for i, t in zip(sel, chunk_texts(self.gpt, ds.tokens, abs_start, r[:, 3] - r[:, 2])):
+                out[i] = t
+        return out
+
+
+class WorkdirReader:
+    """A finished (or partly finished) workdir, for reading: ``WorkdirReader(Workdir(path))``."""
+
+    def __init__(self, workdir: "Workdir"):
+        self.workdir = workdir
+
+    @cached_property
+    def config(self) -> "Config":
+        from retro_pipeline.config import resolve
+
+        stored = self.workdir.stored()
+        if not stored:
+            raise RetroError(f"{self.workdir.root}: not a retro-pipeline workdir (no config.json); run "
+                             f"'retro-pipeline build --workdir {self.workdir.root}' first")
+        return resolve(stored, {})[0]
+
+    @cached_property
+    def chunk_reader(self) -> ChunkReader:
+        return ChunkReader(self.config)
+
+    def db_num_chunks(self, db: str) -> int:
+        import h5py
+
+        with h5py.File(self._db_path(db), "r") as f:
+            return int(f["n_written"][0])
+
+    def db_chunks(self, db: str, start: int = 0, end: int | None = None, step: int = 1) -> np.ndarray:
+        """Rows ``[start:end:step]`` of ``db/merged/<db>.hdf5`` (dataset_idx, doc_id, start, end, bert_len)."""
+        import h5py
+
+        with h5py.File(self._db_path(db), "r") as f:
+            return f["chunks"][start:end:step]
+
+    def chunk_texts(self, rows: np.ndarray) -> list[str]:
+        return self.chunk_reader.texts(rows)
+
+    def embeddings(self, db: str = "sampled") -> np.ndarray:
+        """Every embedding block of ``db`` in row order, as one float32 array."""
+        import h5py
+
+        files = sorted(self.workdir.embed_dir(db).glob("*.hdf5"))
+        if not files:
+            raise RetroError(f"{self.workdir.embed_dir(db)}: no embeddings; run 'retro-pipeline embed-{db} "
+                             f"--workdir {self.workdir.root}' first")
+        parts = []
+        for p in files:
+            with h5py.File(p, "r") as f:
+                parts.append(f["data"][...].astype(np.float32))
+        return np.concatenate(parts)
+
+    def _db_path(self, db: str):
+        path = self.workdir.merged_db_path(db)
+        if not path.exists():
+            raise RetroError(f"{path}: the chunk database is missing; run 'retro-pipeline db-build --workdir "
+                             f"{self.workdir.root}' first")
+        return path
+
+
+def read_embeddings(workdir, db: str = "sampled") -> np.ndarray:
+    """All embedding blocks of ``db`` in a workdir (a path or :class:`Workdir`), as one float32 array."""
+    from retro_pipeline.workdir import Workdir
+
+    return WorkdirReader(workdir if isinstance(workdir, Workdir) else Workdir(workdir)).embeddings(db)
