@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from embedder.atomic import atomic_dir
 from embedder.errors import UserError
 from embedder.settings import DTYPE_ALIASES, DTYPE_NAMES, POOLINGS, resolve_model
 
@@ -172,26 +172,8 @@ class Encoder(torch.nn.Module):
         if self.pooling not in ("cls", "mean"):
             warnings.warn(f"pooling '{self.pooling}' has no sentence-transformers equivalent: {path} loads "
                           "with embedder.Encoder.load only", stacklevel=2)
-        tmp, old = (path.with_name(f"{path.name}.{kind}-{os.getpid()}") for kind in ("tmp", "old"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
+        with atomic_dir(path) as tmp:
             self._write(tmp)
-            _fsync_tree(tmp)
-            if path.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                try:
-                    os.replace(tmp, path)
-                except BaseException:
-                    os.replace(old, path)  # put the old model back
-                    raise
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _write(self, path: Path) -> None:
         """Every file of :meth:`save`, into the (new, empty) directory ``path``."""
@@ -327,23 +309,6 @@ class Encoder(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------- saving and loading
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root`` (so that a rename of ``root`` publishes whole files)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb+") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
 
 
 def _check_model_dir(path: str) -> None:

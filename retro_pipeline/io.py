@@ -12,48 +12,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+
+from embedder.atomic import atomic_dir, atomic_path, fsync_dir, tmp_path  # noqa: F401  (the one copy)
 
 TMP_RE = re.compile(r"\.tmp-\d+(-\d+)?$")
-
-
-def tmp_path(target: str | os.PathLike) -> Path:
-    target = Path(target)
-    return target.with_name(f"{target.name}.tmp-{os.getpid()}")
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is fsynced and moved onto ``target``.
-
-    On an exception the temporary is removed and ``target`` is left as it was.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(target)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(target: str | os.PathLike, obj) -> None:
