@@ -72,7 +72,8 @@ def stage_command(name: str, classes: list[type[Stage]], help_: str, demo_ok: bo
             _show_examples(kw["workdir"])
 
     params = common_options()
-    params[3:3] = [click_option(o) for c in classes for o in c.options]
+    own = {o.name: o for c in classes for o in c.options}  # an option shared by several stages, once
+    params[3:3] = [click_option(o) for o in own.values()]
     return click.Command(name, callback=callback, params=params, help=help_,
                          short_help=help_.splitlines()[0])
 
@@ -86,7 +87,10 @@ class RetroCLI(click.Group):
     """
 
     def list_commands(self, ctx):
-        return ["build", *(c.name for c in all_stages()), *sorted(set(self.commands) - {"build"})]
+        stages = all_stages()
+        groups = [c.group for c in stages if c.group]
+        return ["build", *dict.fromkeys(n for c in stages for n in ([c.group, c.name] if c.group else [c.name])),
+                *sorted(set(self.commands) - {"build"} - set(groups))]
 
     def get_command(self, ctx, name):
         if name in self.commands:
@@ -96,6 +100,10 @@ class RetroCLI(click.Group):
             return stage_command("build", classes, f"Run every stage in order ({', '.join(c.name for c in classes)})."
                                  "\n\nWith no --data-path, builds a demo corpus from the Python standard library's "
                                  "documentation first and runs on it.", demo_ok=True)
+        group = [c for c in all_stages() if c.group == name]
+        if group:
+            return stage_command(name, group, f"Run {' and '.join(c.name for c in group)}.\n\n"
+                                 + "\n\n".join(f"{c.name}: {inspect.cleandoc(c.__doc__ or '')}" for c in group))
         for cls in all_stages():
             if cls.name == ALIASES.get(name, name):
                 doc = inspect.cleandoc(cls.__doc__ or cls.name)
@@ -152,7 +160,7 @@ def _stop(message: str, code: int, standalone: bool):
 @click.group(cls=RetroCLI, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="retro-pipeline")
 def cli():
-    """RETRO retrieval preprocessing on Ray: corpora → chunk database → embeddings (→ index → neighbors).
+    """RETRO retrieval preprocessing on Ray: corpora → chunk database → embeddings → faiss index (→ neighbors).
 
     Start with `retro-pipeline build --workdir W`: with no --data-path it builds a demo corpus from the
     Python standard library's documentation and runs every stage on it. Each stage also runs alone;
@@ -181,11 +189,15 @@ def _run(stages, kw, demo_ok=False):
     out = run_stages(workdir, stages, given, run, force=force)
     for name, done in out.items():
         click.echo(f"{name}: done in {done.get('seconds', 0):.1f} s " + _counts(done))
+    if {"db-build", "embed-sampled", "index-add"} <= set(out) and out["index-add"].get("blocks_run"):
+        n = out["embed-sampled"].get("n_chunks", 0) + out["index-add"].get("n_chunks_embedded", 0)
+        click.echo(f"chunks embedded: {n} (train DB: {out['db-build'].get('n_chunks_train')} chunks, each embedded once)")
     return out
 
 
 def _counts(d: dict) -> str:
-    keys = [k for k in d if k.startswith("n_") or k == "dim"]
+    keys = [k for k in d if k.startswith("n_") or k in ("dim", "index_str", "nprobe", "efSearch") or
+            k.startswith("recall@")]
     return "(" + ", ".join(f"{k} {d[k]}" for k in keys) + ")" if keys else ""
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from retro_pipeline import config as cfgmod
 from retro_pipeline.config import Config, RunOptions
 from retro_pipeline.errors import RetroError
-from retro_pipeline.stage import Stage, all_stages, downstream_of, fingerprint
+from retro_pipeline.stage import Stage, all_stages, downstream_of, fingerprint, owners
 from retro_pipeline.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False) -> Ope
 
     stored = wd.stored()
     cfg, conflicts = cfgmod.resolve(stored, given)
-    owner = {o.name: cls.name for cls in all_stages() for o in cls.options}
     if conflicts and not force:
         old, _ = cfgmod.resolve(stored, {})
         detail = "; ".join(f"{k}: stored {_show(old[k])}, given {_show(cfg[k])}" for k in conflicts)
@@ -94,7 +93,7 @@ def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False) -> Ope
                          f"rebuild it, or use a new --workdir")
     rebuild = []
     if force:
-        roots = {owner[k] for k in conflicts} | set(changed_fp) | set(file_stages)
+        roots = {s for k in conflicts for s in owners(k)} | set(changed_fp) | set(file_stages)
         rebuild = [s for s in stage_order() if s in downstream_of(roots)]
     return Opened(wd, cfg, fps, rebuild, record_inputs=bool(rebuild) or "inputs" not in stored)
 
@@ -132,16 +131,18 @@ def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool) -> dic
         cfg = opened.cfg
         classes = [c for c in all_stages() if c.name in stages]
         every = {c.name: make_stage(c, wd, cfg, run) for c in all_stages()}
-        if opened.rebuild:
-            log.info("--force: rebuilding %s", ", ".join(opened.rebuild))
-            wd.invalidate(opened.rebuild, {s: every[s].outputs() + every[s].final_outputs() for s in opened.rebuild})
         running = {c.name for c in classes}
         for cls in classes:
             for need in cls.needs:
-                if need not in running and wd.stage_status(need)["state"] != "done":
+                if need not in running and (wd.stage_status(need)["state"] != "done" or need in opened.rebuild):
                     raise RetroError(f"{cls.name} needs {need}, which is not done in {wd.root}; run "
                                      f"'retro-pipeline {need} --workdir {wd.root}' (or build) first")
         objs = [every[c.name] for c in classes]
+        for st in objs:
+            st.validate()
+        if opened.rebuild:
+            log.info("--force: rebuilding %s", ", ".join(opened.rebuild))
+            wd.invalidate(opened.rebuild, {s: every[s].outputs() + every[s].final_outputs() for s in opened.rebuild})
         if objs:
             objs[0].check()  # check the inputs before the config is stored
         inputs = None

@@ -1,4 +1,4 @@
-"""The read side of a workdir: merged chunk DBs, chunk texts and embeddings (later the index and neighbors).
+"""The read side of a workdir: merged chunk DBs, chunk texts, embeddings and the index (later neighbors).
 
 Stages, the CLI's summaries and tests read a finished workdir only through here; it becomes the body of
 ``retro.init(workdir)``. Everything opens lazily and reads in bulk.
@@ -7,6 +7,7 @@ Stages, the CLI's summaries and tests read a finished workdir only through here;
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -76,6 +77,14 @@ class WorkdirReader:
         with h5py.File(self._db_path(db), "r") as f:
             return f["chunks"][start:end:step]
 
+    def db_rows(self, db: str, rows) -> np.ndarray:
+        """The chunk rows at the given (sorted, distinct) row numbers of ``db``."""
+        import h5py
+
+        rows = np.asarray(rows, dtype=np.int64)
+        with h5py.File(self._db_path(db), "r") as f:
+            return f["chunks"][rows] if len(rows) else np.zeros((0, f["chunks"].shape[1]), np.uint32)
+
     def chunk_texts(self, rows: np.ndarray) -> list[str]:
         return self.chunk_reader.texts(rows)
 
@@ -92,6 +101,83 @@ class WorkdirReader:
             with h5py.File(p, "r") as f:
                 parts.append(f["data"][...].astype(np.float32))
         return np.concatenate(parts)
+
+    def embedding_files(self, db: str = "sampled") -> list[tuple[int, int, "Path"]]:
+        """(start, end, path) of each embedding block of ``db``, in row order."""
+        out = []
+        for p in self.workdir.embed_dir(db).glob("*.hdf5"):
+            s, _, e = p.stem.partition("-")
+            out.append((int(s), int(e), p))
+        if not out:
+            raise RetroError(f"{self.workdir.embed_dir(db)}: no embeddings; run 'retro-pipeline embed-{db} "
+                             f"--workdir {self.workdir.root}' first")
+        return sorted(out)
+
+    def embedding_rows(self, db: str, start: int, end: int) -> np.ndarray:
+        """Embeddings of rows ``[start, end)`` of ``db``, as float32."""
+        import h5py
+
+        parts = []
+        for s, e, p in self.embedding_files(db):
+            lo, hi = max(s, start), min(e, end)
+            if lo < hi:
+                with h5py.File(p, "r") as f:
+                    parts.append(f["data"][lo - s:hi - s].astype(np.float32))
+        dim = self.embedding_dim(db)
+        out = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+        if len(out) != end - start:
+            raise RetroError(f"{self.workdir.embed_dir(db)}: rows {start}..{end} are not all there; rerun "
+                             f"'retro-pipeline embed-{db} --workdir {self.workdir.root}'")
+        return out
+
+    def embedding_dim(self, db: str = "sampled") -> int:
+        import h5py
+
+        with h5py.File(self.embedding_files(db)[0][2], "r") as f:
+            return int(f["data"].shape[1])
+
+    def sampled_train_rows(self) -> np.ndarray:
+        """For each row of the sampled DB, its row in the train DB (sorted, as db-build writes them)."""
+        import h5py
+
+        with h5py.File(self._db_path("sampled"), "r") as f:
+            return f["train_rows"][...].astype(np.int64)
+
+    def index_info(self) -> dict:
+        """What index-train chose: ``index_str`` (``auto`` resolved), ``dim``, the metric."""
+        from retro_pipeline.io import read_json
+
+        info = read_json(self.workdir.index_info_path)
+        if info is None:
+            raise RetroError(f"{self.workdir.index_info_path}: missing; run 'retro-pipeline index-train --workdir "
+                             f"{self.workdir.root}' first")
+        return info
+
+    def queries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed query set of recall measurements: (DB rows [n, 2] = (db 0 valid / 1 train, row), embeddings)."""
+        import h5py
+
+        path = self.workdir.queries_path(self.index_info()["index_str"])
+        with h5py.File(path, "r") as f:
+            return f["rows"][...].astype(np.int64), f["data"][...].astype(np.float32)
+
+    def search_params(self) -> dict:
+        from retro_pipeline.io import read_json
+
+        path = self.workdir.search_params_path(self.index_info()["index_str"])
+        out = read_json(path)
+        if out is None:
+            raise RetroError(f"{path}: missing; run 'retro-pipeline index-add --workdir {self.workdir.root}' first")
+        return out
+
+    def index(self, mmap: bool = False):
+        """The built index (all train chunks added), with the tuned search parameters set."""
+        from retro_pipeline import faiss_index
+
+        index = faiss_index.read_index(self.workdir.added_index_path(self.index_info()["index_str"]), "index",
+                                       mmap=mmap)
+        faiss_index.set_search_params(index, self.search_params()["params"])
+        return index
 
     def _db_path(self, db: str):
         path = self.workdir.merged_db_path(db)

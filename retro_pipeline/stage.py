@@ -97,6 +97,7 @@ class Resources:
     gpus: float = 0.0
     memory: int | None = None  # bytes; None = no reservation
     max_per_node: int | None = None
+    whole_node: bool = False  # cpus = every CPU of the largest node (one-off jobs such as training)
 
 
 # ---------------------------------------------------------------------- blocks
@@ -162,6 +163,7 @@ class Stage:
     options: ClassVar[tuple[Option, ...]] = ()
     resources: ClassVar[Resources] = Resources()
     unit: ClassVar[str] = "rows"  # what Block.size counts, for progress bars
+    group: ClassVar[str | None] = None  # a CLI command that runs every stage of the group (index-build)
 
     def __init__(self, workdir: "Workdir", cfg: "Config", cpus: float | None = None, gpus: float | None = None):
         self.workdir = workdir
@@ -171,6 +173,9 @@ class Stage:
         self.gpus = gpus
 
     # ---- driver side
+    def validate(self) -> None:
+        """Cheap checks of the options alone, before --force deletes anything (raise RetroError)."""
+
     def prepare(self) -> None:
         """Check inputs on the driver before anything is written (raise RetroError on bad input)."""
 
@@ -222,7 +227,7 @@ class Stage:
 
 def fingerprint(stage_cls: type[Stage], cfg: "Config", upstream: dict[str, str]) -> str:
     """A hash of what a stage's outputs depend on: its output-changing options and its needs' fingerprints."""
-    d = {"stage": stage_cls.name, "options": {k: cfg[k] for k in stage_cls.output_keys()},
+    d = {"stage": stage_cls.name, "options": {k: cfg[k] for k in sorted(stage_cls.output_keys())},
          "needs": {n: upstream[n] for n in stage_cls.needs}}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
@@ -280,14 +285,15 @@ def _discover() -> dict[str, type[Stage]]:
 def all_stages() -> list[type[Stage]]:
     """Every stage, in pipeline order: each after the stages it needs (ties in name order)."""
     stages = {**_discover(), **_extra}
-    options: dict[str, str] = {}
+    options: dict[str, tuple[str, Option]] = {}
     for cls in stages.values():
         for n in cls.needs:
             if n not in stages:
                 raise TypeError(f"stage {cls.name} needs '{n}', which no stage declares")
-        for o in cls.options:
-            if options.setdefault(o.name, cls.name) != cls.name:
-                raise TypeError(f"option {o.flag} is declared by both {options[o.name]} and {cls.name}")
+        for o in cls.options:  # stages may share one Option object (e.g. the embedding device)
+            first, decl = options.setdefault(o.name, (cls.name, o))
+            if decl is not o:
+                raise TypeError(f"option {o.flag} is declared by both {first} and {cls.name}")
     order: list[type[Stage]] = []
     placed: set[str] = set()
     while len(order) < len(stages):
@@ -301,7 +307,13 @@ def all_stages() -> list[type[Stage]]:
 
 
 def all_options() -> list[Option]:
-    return [o for cls in all_stages() for o in cls.options]
+    """Every declared option once (an option shared by several stages is listed once)."""
+    return list({o.name: o for cls in all_stages() for o in cls.options}.values())
+
+
+def owners(option: str) -> list[str]:
+    """The stages that declare ``option``."""
+    return [cls.name for cls in all_stages() if any(o.name == option for o in cls.options)]
 
 
 def downstream_of(names) -> set[str]:

@@ -7,6 +7,9 @@ Layout (Megatron's where a format exists, see docs/formats.md)::
     W/db/merged/{train,sampled,valid}.hdf5
     W/db/indexed_dataset_infos.json
     W/embed/<db>/<s>-<e>.hdf5             embedding blocks (dataset ``data``)
+    W/index/index.json                    the index string chosen (``auto`` resolved), its dimension
+    W/index/faiss-par-add/<index_str>/    empty_1.000.faissindex, queries.hdf5, add_codes/ and add_truth/
+                                          blocks, added_1.000_1.000.faissindex, search.json
     W/<stage>/                            the outputs of a stage without a Megatron format
     W/markers/<stage>/...                 block completion markers, the plan and the done marker
     W/logs/<time>-<pid>.log               one log per command
@@ -24,7 +27,8 @@ from typing import Any
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import read_json, write_json
 
-FINGERPRINT_VERSION = 2  # how config.json's stage fingerprints are computed (retro_pipeline.stage.fingerprint)
+FINGERPRINT_VERSION = 2
+INDEX_TYPE = "faiss-par-add"  # Megatron's name for an index built by parallel adds  # how config.json's stage fingerprints are computed (retro_pipeline.stage.fingerprint)
 
 
 class Workdir:
@@ -57,6 +61,35 @@ class Workdir:
 
     def embed_dir(self, db: str) -> Path:
         return self.root / "embed" / db
+
+    @property
+    def index_root(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def index_info_path(self) -> Path:
+        return self.index_root / "index.json"
+
+    def index_dir(self, index_str: str) -> Path:
+        return self.index_root / INDEX_TYPE / index_str
+
+    def empty_index_path(self, index_str: str) -> Path:
+        return self.index_dir(index_str) / "empty_1.000.faissindex"
+
+    def added_index_path(self, index_str: str) -> Path:
+        return self.index_dir(index_str) / "added_1.000_1.000.faissindex"
+
+    def queries_path(self, index_str: str) -> Path:
+        return self.index_dir(index_str) / "queries.hdf5"
+
+    def add_codes_dir(self, index_str: str) -> Path:
+        return self.index_dir(index_str) / "add_codes"
+
+    def add_truth_dir(self, index_str: str) -> Path:
+        return self.index_dir(index_str) / "add_truth"
+
+    def search_params_path(self, index_str: str) -> Path:
+        return self.index_dir(index_str) / "search.json"
 
     def stage_dir(self, stage: str) -> Path:
         """Outputs of a stage that has no Megatron format of its own."""

@@ -34,4 +34,4 @@ def test_readme_main_command(tmp_path):
     assert "train chunks in" in r.stdout and "[dataset 0 doc 0 tokens 0:64]" in r.stdout
     st = subprocess.run([script("retro-pipeline"), "status", "--workdir", "demo"], cwd=tmp_path, capture_output=True,
                         text=True, check=True).stdout
-    assert st.count(" done ") == 2
+    assert st.count(" done ") == 4

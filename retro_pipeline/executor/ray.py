@@ -123,6 +123,8 @@ def worker_shape(ray, stage: Stage) -> tuple[float, float, int | None]:
     declared GPUs only where the cluster has GPUs."""
     res = stage.resources
     cpus = stage.cpus if stage.cpus is not None else res.cpus
+    if res.whole_node and stage.cpus is None:
+        cpus = max([n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus]) or cpus
     if stage.gpus is not None:
         gpus = stage.gpus
     else:

@@ -31,7 +31,61 @@ def load_encoder(cfg, device=None, dtype=None, num_threads=None):
                         num_threads=num_threads)
 
 
-class EmbedSampledStage(Stage):
+def embedding_state(cfg, resources: dict[str, Any]) -> dict[str, Any]:
+    """A worker's chunk reader and encoder (every stage that embeds chunks uses this): on the GPU when the
+    worker holds one or --device cuda says so, else on the worker's CPUs."""
+    import torch
+
+    from retro_pipeline.read import ChunkReader
+
+    device = cfg.device
+    if device is None and not resources.get("num_gpus"):
+        device = "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RetroError(f"--device cuda: no CUDA device on worker {os.uname().nodename} (torch "
+                         f"{torch.__version__}); use --device cpu or a GPU node with a CUDA build of torch")
+    threads = max(1, int(resources.get("num_cpus") or 1))
+    return {"reader": ChunkReader(cfg),
+            "encoder": load_encoder(cfg, device=device, dtype=cfg.dtype, num_threads=threads)}
+
+
+def embed_rows(cfg, rows: np.ndarray, state) -> np.ndarray:
+    """Embeddings (float32 [n, dim]) of chunk-DB rows."""
+    if len(rows) == 0:
+        return np.zeros((0, state["encoder"].dim), np.float32)
+    return state["encoder"].encode(state["reader"].texts(rows), batch_size=cfg.batch_size)
+
+
+# How to embed (never changes outputs beyond the device's precision): every stage that embeds chunks shares
+# these declarations, so each of its CLI commands has them.
+EMBED_OPTIONS = (
+    Option("device", str, None, "Embedding device.", changes_output=False, choices=("cpu", "cuda"),
+           shown_default="cuda when present"),
+    Option("dtype", str, None, "Embedding precision.", changes_output=False, choices=DTYPE_NAMES,
+           shown_default="float16 on cuda, float32 on cpu"),
+    Option("batch_size", int, 128, "Texts per encoder batch.", changes_output=False, minimum=1),
+)
+
+
+class EmbeddingStage(Stage):
+    """Base of stages whose workers embed chunks: a GPU per worker where the cluster has GPUs (none with
+    --device cpu), and the shared embedding options."""
+
+    resources = Resources(cpus=1, gpus=1)  # the GPU only where the cluster has GPUs
+
+    def __init__(self, workdir, cfg, **kw):
+        super().__init__(workdir, cfg, **kw)
+        if cfg.device == "cpu":
+            self.gpus = 0.0  # don't hold a cluster's GPUs for CPU work
+
+    def setup(self, resources: dict[str, Any]):
+        return embedding_state(self.cfg, resources)
+
+    def embed_rows(self, rows: np.ndarray, state) -> np.ndarray:
+        return embed_rows(self.cfg, rows, state)
+
+
+class EmbedSampledStage(EmbeddingStage):
     """Embed the index-training sample (db/merged/sampled.hdf5) into embed/sampled/ blocks.
 
     Uses the --embedder given to db-build; on GPU workers where the cluster has GPUs, else on CPUs.
@@ -40,23 +94,13 @@ class EmbedSampledStage(Stage):
     name = "embed-sampled"
     needs = ("db-build",)
     unit = "chunks"
-    resources = Resources(cpus=1, gpus=1)  # the GPU only where the cluster has GPUs
     db = "sampled"
     options = (
         Option("pooling", str, "", "Embedding pooling.", choices=POOLINGS, shown_default="the model's own, else mean"),
         Option("embed_dtype", str, "float32", "On-disk dtype of the stored embeddings.",
                choices=("float32", "float16")),
-        Option("device", str, None, "Embedding device.", changes_output=False, choices=("cpu", "cuda"),
-               shown_default="cuda when present"),
-        Option("dtype", str, None, "Embedding precision.", changes_output=False, choices=DTYPE_NAMES,
-               shown_default="float16 on cuda, float32 on cpu"),
-        Option("batch_size", int, 128, "Texts per encoder batch.", changes_output=False, minimum=1),
+        *EMBED_OPTIONS,
     )
-
-    def __init__(self, workdir, cfg, **kw):
-        super().__init__(workdir, cfg, **kw)
-        if cfg.device == "cpu":
-            self.gpus = 0.0  # don't hold a cluster's GPUs for CPU work
 
     def n_rows(self) -> int:
         from retro_pipeline.read import WorkdirReader
@@ -79,25 +123,6 @@ class EmbedSampledStage(Stage):
         from retro_pipeline.fingerprints import model_files
 
         return model_files(self.cfg.embedder_spec(), "embedder")
-
-    def setup(self, resources: dict[str, Any]):
-        import torch
-
-        from retro_pipeline.read import ChunkReader
-
-        device = self.cfg.device
-        if device is None and not resources.get("num_gpus"):
-            device = "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RetroError(f"--device cuda: no CUDA device on worker {os.uname().nodename} (torch "
-                             f"{torch.__version__}); use --device cpu or a GPU node with a CUDA build of torch")
-        threads = max(1, int(resources.get("num_cpus") or 1))
-        return {"reader": ChunkReader(self.cfg),
-                "encoder": load_encoder(self.cfg, device=device, dtype=self.cfg.dtype, num_threads=threads)}
-
-    def embed_rows(self, rows: np.ndarray, state) -> np.ndarray:
-        texts = state["reader"].texts(rows)
-        return state["encoder"].encode(texts, batch_size=self.cfg.batch_size)
 
     def process(self, block: Block, state) -> dict[str, Any]:
         from retro_pipeline.read import WorkdirReader

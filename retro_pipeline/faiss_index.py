@@ -1,0 +1,382 @@
+"""Faiss helpers of the index stages: check and choose index strings, train, add codes, tune search.
+
+Everything that touches faiss objects lives here, so the stages stay about blocks and files. Faiss is
+imported lazily (``import retro_pipeline`` never loads it).
+
+Adding: workers encode vectors with ``sa_encode`` (the standalone codes of the whole index, list numbers
+included for IVF) and :func:`add_codes` appends them with ids = train-DB rows. Faiss implements
+``add_sa_codes`` for flat-code and IVF indexes; for an OPQ/PCA pre-transform the codes go to the inner index,
+and for fast-scan indexes (``PQ…x4fs``) they go to a plain PQ twin that is then packed into the fast-scan
+layout, exactly as ``index.add`` would have laid them out (tested: byte-identical to a serial add).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from retro_pipeline.errors import RetroError
+
+MIN_PER_LIST = 39  # faiss k-means warns under 39 training points per centroid
+
+
+def faiss():
+    from retro_pipeline.errors import require
+
+    return require("faiss", "cpu")
+
+
+def threads() -> int:
+    """CPUs of this worker: Ray sets OMP_NUM_THREADS to a task's or actor's CPUs; else every CPU here."""
+    return max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def quiet_native_output():
+    """Silence faiss's own prints to stdout/stderr (k-means warnings, verbose lines); we say what matters."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------- index strings
+
+
+def parts(index) -> list:
+    """The index and its inner indexes (pre-transform → index; IVF → its quantizer), downcast."""
+    f = faiss()
+    out = []
+    idx = f.downcast_index(index)
+    while True:
+        out.append(idx)
+        if isinstance(idx, f.IndexPreTransform):
+            idx = f.downcast_index(idx.index)
+        elif isinstance(idx, f.IndexIVF):
+            out.append(f.downcast_index(idx.quantizer))
+            return out
+        else:
+            return out
+
+
+def ivf_of(index):
+    f = faiss()
+    for p in parts(index):
+        if isinstance(p, f.IndexIVF):
+            return p
+    return None
+
+
+def check_index_str(index_str: str, dim: int):
+    """An untrained index for ``index_str``, or a one-line error when faiss rejects it or the pipeline
+    cannot add codes to it."""
+    f = faiss()
+    try:
+        with quiet_native_output():
+            index = f.index_factory(dim, index_str)
+    except RuntimeError as e:
+        raise RetroError(f"--index-str {index_str!r}: faiss rejects it for {dim}-dimensional embeddings "
+                         f"({_faiss_message(e)}); give a faiss.index_factory string such as 'Flat', "
+                         f"'IVF1024,Flat' or 'IVF4096,PQ32', or 'auto'") from None
+    inner = parts(index)
+    top = inner[1] if isinstance(inner[0], f.IndexPreTransform) else inner[0]
+    if not isinstance(top, (f.IndexIVF, f.IndexFlatCodes, f.IndexPQFastScan)):
+        raise RetroError(f"--index-str {index_str!r}: a {type(top).__name__} cannot take precomputed codes, which "
+                         f"the parallel add needs; use an IVF index (an HNSW quantizer is fine: 'IVF4096_HNSW32,"
+                         f"Flat'), or a flat-code one (Flat, SQ8, PQ32, PQ32x4fs)")
+    return index
+
+
+def _faiss_message(e: BaseException) -> str:
+    text = str(e)
+    m = re.search(r"(?:Error: )?'[^']*' failed: (.*)", text)
+    if m:
+        return m.group(1).strip().splitlines()[0]
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Error in", "faiss::")):
+            return line.split(" at /")[0]
+    return text.splitlines()[0].split(" at /")[0] if text else type(e).__name__
+
+
+def code_size(index_str: str, dim: int) -> int:
+    return int(check_index_str(index_str, dim).sa_code_size())
+
+
+def auto_index_str(n_chunks: int, dim: int, memory: int) -> str:
+    """The most accurate index whose codes (plus ids) for ``n_chunks`` fit ``memory`` bytes: full vectors,
+    then SQ8, then PQ with fewer bytes; with IVF lists (4..16·sqrt(N), an HNSW quantizer past 1M chunks)
+    once the DB is too large to search exhaustively."""
+    from retro_pipeline import sizing
+
+    nlist = sizing.auto_nlist(n_chunks)
+    if nlist == 0:
+        prefix = ""
+    elif nlist < 65536:
+        prefix = f"IVF{nlist},"
+    else:
+        prefix = f"IVF{nlist}_HNSW32,"
+    codes = ["Flat", "SQ8"] + [f"PQ{m}" for m in (dim // 2, dim // 4, dim // 8, dim // 16)
+                               if m >= 4 and dim % m == 0]
+    per_id = 8 if prefix else 0
+    for c in dict.fromkeys(codes):
+        need = n_chunks * (code_size(prefix + c, dim) + per_id)
+        if need <= memory:
+            return prefix + c
+    smallest = n_chunks * (code_size(prefix + codes[-1], dim) + per_id)
+    raise RetroError(f"--index-memory {memory}: too small for any index of {n_chunks} {dim}-dimensional chunks "
+                     f"(the smallest, {prefix + codes[-1]}, needs {smallest} bytes); raise --index-memory")
+
+
+def parse_memory(value) -> str:
+    """``auto`` or a byte count, with an optional K/M/G/T suffix (powers of 1024), as a canonical string."""
+    text = str(value).strip()
+    if text == "auto":
+        return text
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise RetroError(f"--index-memory {value!r}: give a number of bytes (e.g. 64G, 500M) or 'auto'")
+    return str(int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")))
+
+
+def memory_budget(value: str) -> int:
+    if value != "auto":
+        return int(value)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+
+
+# ---------------------------------------------------------------------- training
+
+
+def train(index_str: str, x: np.ndarray, log) -> Any:
+    """Train an empty index on ``x`` (float32 [n, d]) with this worker's threads; faiss's GPUs for IVF
+    k-means where faiss has GPUs. Checks the training-set size first."""
+    f = faiss()
+    n, dim = x.shape
+    index = check_index_str(index_str, dim)
+    ivf = ivf_of(index)
+    if ivf is not None:
+        if n < ivf.nlist:
+            raise RetroError(f"index-train: {n} training vectors for {ivf.nlist} IVF lists; faiss needs at least "
+                             f"one per list and {MIN_PER_LIST * ivf.nlist} ({MIN_PER_LIST} per list) to train well: "
+                             f"use fewer lists in --index-str, or more with db-build --index-ntrain (or a larger "
+                             f"corpus)")
+        if n < MIN_PER_LIST * ivf.nlist:
+            log.warning("index-train: %d training vectors for %d IVF lists, fewer than the %d (%d per list) that "
+                        "k-means wants; the lists will be uneven (use fewer lists or more --index-ntrain)",
+                        n, ivf.nlist, MIN_PER_LIST * ivf.nlist, MIN_PER_LIST)
+    for p in parts(index):
+        pq = getattr(p, "pq", None)
+        if pq is not None and n < pq.ksub:
+            raise RetroError(f"index-train: {n} training vectors for product-quantizer codebooks of {pq.ksub} "
+                             f"entries; faiss needs at least {pq.ksub}: use more with db-build --index-ntrain, "
+                             f"or fewer bits per code in --index-str")
+        if isinstance(p, f.IndexIVFPQ):
+            p.do_polysemous_training = False  # search never uses it, and it costs ~40 s fixed
+    if ivf is not None and f.get_num_gpus() > 0:
+        ivf.clustering_index = f.index_cpu_to_all_gpus(f.IndexFlat(ivf.d, ivf.metric_type))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    try:
+        with quiet_native_output():
+            top = f.downcast_index(index)
+            if isinstance(top, f.IndexPreTransform):
+                # OPQ/PCA training (BLAS products, an SVD) gives other bits with other thread counts: it runs
+                # on one thread, so the trained index is the same on every worker shape (k-means and PQ
+                # training are exact across thread counts: tested)
+                f.omp_set_num_threads(1)
+                for i in range(top.chain.size()):
+                    vt = top.chain.at(i)
+                    vt.train(x)
+                    x = vt.apply(x)
+                f.omp_set_num_threads(threads())
+                f.downcast_index(top.index).train(x)
+                top.is_trained = True
+            else:
+                f.omp_set_num_threads(threads())
+                index.train(x)
+    except RuntimeError as e:
+        raise RetroError(f"index-train: faiss could not train {index_str!r} on {n} vectors "
+                         f"({_faiss_message(e)}); change --index-str or --index-ntrain") from None
+    if ivf is not None:
+        ivf.clustering_index = None
+    return index
+
+
+def write_index(index, path) -> None:
+    from retro_pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        faiss().write_index(index, str(tmp))
+
+
+def read_index(path, what: str = "index", mmap: bool = False):
+    f = faiss()
+    if not os.path.exists(path):
+        raise RetroError(f"{path}: the {what} is missing; run index-train (or index-build) first")
+    try:
+        flags = f.IO_FLAG_MMAP | f.IO_FLAG_READ_ONLY if mmap else 0
+        return f.read_index(str(path), flags)
+    except RuntimeError as e:
+        raise RetroError(f"{path}: not a readable faiss index ({_faiss_message(e)}); rebuild it with "
+                         f"'retro-pipeline index-build --force'") from None
+
+
+# ---------------------------------------------------------------------- adding
+
+
+def add_codes(index, codes: np.ndarray, ids: np.ndarray):
+    """Append ``codes`` (from ``index.sa_encode``) with ``ids``; returns the index holding them (the same
+    object, or a new one for fast-scan indexes, which are repacked)."""
+    f = faiss()
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    idx = f.downcast_index(index)
+    if isinstance(idx, f.IndexPreTransform):
+        inner = f.downcast_index(idx.index)
+        new = add_codes(inner, codes, ids)
+        if new is not inner:  # hand the repacked inner index over to the pre-transform
+            new.this.disown()
+            idx.index = new
+            idx.own_fields = True
+        idx.ntotal = f.downcast_index(idx.index).ntotal
+        return index
+    if isinstance(idx, f.IndexIVFPQFastScan):
+        twin = f.IndexIVFPQ(idx.quantizer, idx.d, idx.nlist, idx.pq.M, idx.pq.nbits, idx.metric_type)
+        twin.pq = idx.pq
+        twin.by_residual = idx.by_residual
+        twin.is_trained = True
+        _add_existing(twin, idx)
+        twin.add_sa_codes(codes, ids)
+        out = f.IndexIVFPQFastScan(twin, idx.bbs)
+        quantizer = f.clone_index(idx.quantizer)
+        quantizer.this.disown()
+        out.quantizer = quantizer
+        out.own_fields = True
+        out.nprobe = idx.nprobe
+        return out
+    if isinstance(idx, f.IndexPQFastScan):
+        twin = f.IndexPQ(idx.d, idx.pq.M, idx.pq.nbits, idx.metric_type)
+        twin.pq = idx.pq
+        twin.is_trained = True
+        _add_existing(twin, idx)
+        twin.add_sa_codes(codes, ids)
+        return f.IndexPQFastScan(twin, idx.bbs)
+    idx.add_sa_codes(codes, ids)
+    return index
+
+
+def _add_existing(twin, fast) -> None:
+    """Fast-scan indexes are built in one go: only an empty one can be repacked with new codes."""
+    if fast.ntotal:
+        raise RuntimeError("fast-scan codes are added in one call (add_codes_all)")
+
+
+def add_codes_all(index, blocks):
+    """Add every ``(codes, ids)`` of ``blocks`` in order. Fast-scan indexes get them in one repacking."""
+    f = faiss()
+    fast = any(isinstance(p, (f.IndexIVFPQFastScan, f.IndexPQFastScan)) for p in parts(index))
+    if fast:
+        codes, ids = zip(*blocks) if blocks else ((), ())
+        if not codes:
+            return index
+        return add_codes(index, np.concatenate(codes), np.concatenate(ids))
+    for codes, ids in blocks:
+        index = add_codes(index, codes, ids)
+    return index
+
+
+# ---------------------------------------------------------------------- search parameters and recall
+
+
+def search_grid(index) -> list[dict[str, int]]:
+    """Candidate search settings, cheapest first: nprobe only with IVF, efSearch only with HNSW."""
+    f = faiss()
+    ivf = ivf_of(index)
+    hnsw = [p for p in parts(index) if isinstance(p, f.IndexHNSW)]
+    if ivf is None:
+        if hnsw:
+            return [{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512)]
+        return [{}]
+    nprobes = sorted({min(ivf.nlist, 1 << i) for i in range(0, int(math.log2(ivf.nlist)) + 2)})
+    grid = []
+    for nprobe in nprobes:
+        if hnsw:
+            for ef in sorted({max(16, nprobe), max(16, 2 * nprobe), max(16, 4 * nprobe)}):
+                grid.append({"nprobe": nprobe, "efSearch": ef})
+        else:
+            grid.append({"nprobe": nprobe})
+    return grid
+
+
+def set_search_params(index, params: dict[str, int]) -> None:
+    f = faiss()
+    for p in parts(index):
+        if "nprobe" in params and isinstance(p, f.IndexIVF):
+            p.nprobe = int(params["nprobe"])
+        if "efSearch" in params and isinstance(p, f.IndexHNSW):
+            p.hnsw.efSearch = int(params["efSearch"])
+
+
+def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean over queries of |found top-k ∩ true top-k| / k (ids; -1 never counts)."""
+    hits = 0
+    for f_row, t_row in zip(found[:, :k], truth[:, :k]):
+        hits += len(np.intersect1d(f_row[f_row >= 0], t_row[t_row >= 0]))
+    return hits / (k * len(truth)) if len(truth) else 1.0
+
+
+def tune(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float, given: dict[str, int], log):
+    """Measure recall@10 and recall@k over the grid; choose the cheapest setting reaching ``target`` on
+    recall@10 (or, where no setting does, the cheapest within 0.01 of the best). ``given`` fixes settings."""
+    f = faiss()
+    f.omp_set_num_threads(threads())
+    k = min(k, truth.shape[1])
+    k10 = min(10, k)
+    grid = [p for p in search_grid(index) if all(p.get(key, v) == v for key, v in given.items())]
+    if not grid:
+        grid = [dict(given)]
+    table = []
+    best = -1.0
+    for params in grid:
+        set_search_params(index, params)
+        t0 = time.perf_counter()
+        _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        secs = time.perf_counter() - t0
+        row = {**params, "recall@10": round(recall(found, truth, k10), 6), f"recall@{k}": round(recall(found, truth, k), 6),
+               "queries_per_second": round(len(queries) / max(secs, 1e-9), 1)}
+        table.append(row)
+        best = max(best, row["recall@10"])
+        if row["recall@10"] >= 0.9999:
+            break  # nothing dearer can do better
+    reach = [r for r in table if r["recall@10"] >= target]
+    if reach:
+        chosen = reach[0]
+    else:
+        chosen = next(r for r in table if r["recall@10"] >= best - 0.01)
+        log.warning("index-add: no search setting of this index reaches recall@10 %.3f (the best: %.3f); using "
+                    "the cheapest within 0.01 of the best (%s); for more, use larger codes in --index-str",
+                    target, best, _show(chosen))
+    params = {key: chosen[key] for key in ("nprobe", "efSearch") if key in chosen}
+    set_search_params(index, params)
+    return params, chosen, table
+
+
+def _show(row) -> str:
+    return ", ".join(f"{k} {v}" for k, v in row.items() if k in ("nprobe", "efSearch", "recall@10")) or "no parameters"

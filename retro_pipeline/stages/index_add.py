@@ -1,0 +1,182 @@
+"""index-add: every train chunk, embedded once, encoded and added to the trained index (docs/formats.md §3).
+
+Blocks are train-DB row ranges. A worker embeds a block's chunks, except those of the index-training sample,
+whose embeddings embed-sampled already wrote (``sampled.hdf5`` maps them with ``train_rows``): no chunk is
+embedded twice in a build. It writes the block's ``sa_encode`` codes (``add_codes/<s>-<e>.hdf5``, dataset
+``data`` uint8 [n, code_size]) and the exact top-k of the fixed query set within the block
+(``add_truth/<s>-<e>.hdf5``), so the ground truth of the recall measurement is accumulated while the float
+embeddings are in memory and no float copy of the DB is ever kept.
+
+The merge is the stage's one-off job: the codes go into the empty index in row order with ids = train-DB
+rows, the per-block top-k lists are merged into the exact top-k over the whole DB, and the search settings
+(``nprobe`` with IVF, ``efSearch`` with HNSW) are tuned to the cheapest that reaches ``--target-recall``;
+the setting and the whole recall / queries-per-second table go in ``search.json`` beside the index.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retro_pipeline import faiss_index
+from retro_pipeline.errors import RetroError
+from retro_pipeline.io import atomic_path, h5_create, h5_open_write, write_json
+from retro_pipeline.stage import Block, Option, block_file_name, block_ranges, rows_per_block
+from retro_pipeline.stages.embed import EMBED_OPTIONS, EmbeddingStage
+
+log = logging.getLogger(__name__)
+
+
+def auto_or_positive(flag: str):
+    def normalize(value) -> str:
+        text = str(value).strip()
+        if text != "auto" and not (text.isdigit() and int(text) > 0):
+            raise RetroError(f"{flag} {value!r}: give a positive integer or 'auto'")
+        return text
+    return normalize
+
+
+class IndexAddStage(EmbeddingStage):
+    """Embed every train chunk once, add it to the index (added_1.000_1.000.faissindex) and tune its search.
+
+    Chunks of the index-training sample reuse the embeddings embed-sampled made. Recall@10 and
+    recall@--num-neighbors-save are measured against an exact search of the fixed query set over the whole
+    train DB; --nprobe/--ef-search auto choose the cheapest setting that reaches --target-recall.
+    """
+
+    name = "index-add"
+    needs = ("index-train",)
+    group = "index-build"
+    unit = "chunks"
+    options = (
+        Option("num_neighbors_save", int, 20, "Neighbors kept per chunk: the k of the measured recall@k.",
+               minimum=1),
+        Option("target_recall", float, 0.95, "Recall@10 the tuned search settings must reach.", minimum=0,
+               open_minimum=True),
+        Option("nprobe", str, "auto", "IVF lists searched per query, or auto (tuned).",
+               normalize=auto_or_positive("--nprobe")),
+        Option("ef_search", str, "auto", "HNSW efSearch, or auto (tuned).", normalize=auto_or_positive("--ef-search")),
+        *EMBED_OPTIONS,
+    )
+
+    def reader(self):
+        from retro_pipeline.read import WorkdirReader
+
+        return WorkdirReader(self.workdir)
+
+    @property
+    def index_str(self) -> str:
+        return self.reader().index_info()["index_str"]
+
+    @property
+    def k(self) -> int:
+        return max(10, self.cfg.num_neighbors_save)
+
+    # ---- driver side
+    def prepare(self) -> None:
+        self.reader().index_info()
+        faiss_index.read_index(self.workdir.empty_index_path(self.index_str), "trained index")
+
+    def plan(self) -> list[Block]:
+        n = self.reader().db_num_chunks("train")
+        codes, truth = self.workdir.add_codes_dir(self.index_str), self.workdir.add_truth_dir(self.index_str)
+        blocks = []
+        for s, e in block_ranges(n, rows_per_block(n, self.cfg.block_size, floor=256)):
+            name = block_file_name(s, e, n)
+            blocks.append(Block(name[:-5], s, e, (str(codes / name), str(truth / name))))
+        return blocks
+
+    def outputs(self) -> list[Path]:
+        s = self.index_str if self.workdir.index_info_path.exists() else None
+        if s is None:
+            return []
+        return [self.workdir.add_codes_dir(s), self.workdir.add_truth_dir(s), self.workdir.added_index_path(s),
+                self.workdir.search_params_path(s)]
+
+    def final_outputs(self) -> list[Path]:
+        return self.outputs()[2:]
+
+    # ---- worker side
+    def setup(self, resources: dict[str, Any]):
+        state = super().setup(resources)
+        reader = self.reader()
+        index = faiss_index.read_index(self.workdir.empty_index_path(self.index_str), "trained index")
+        if state["encoder"].dim != index.d:
+            raise RetroError(f"{self.workdir.empty_index_path(self.index_str)}: the index takes {index.d}-dimensional "
+                             f"vectors but the embedder gives {state['encoder'].dim}; rebuild the index with "
+                             f"'retro-pipeline index-build --force' or use the embedder it was trained for")
+        faiss_index.faiss().omp_set_num_threads(max(1, int(resources.get("num_cpus") or 1)))
+        state.update(index=index, sampled_rows=reader.sampled_train_rows(), queries=reader.queries()[1])
+        return state
+
+    def process(self, block: Block, state) -> dict[str, Any]:
+        f = faiss_index.faiss()
+        reader = self.reader()
+        s, e = block.start, block.end
+        rows = reader.db_chunks("train", s, e)
+        sampled = state["sampled_rows"]
+        lo, hi = np.searchsorted(sampled, [s, e])
+        emb = np.empty((e - s, state["index"].d), dtype=np.float32)
+        reused = sampled[lo:hi] - s
+        if hi > lo:
+            emb[reused] = reader.embedding_rows("sampled", int(lo), int(hi))
+        fresh = np.setdiff1d(np.arange(e - s), reused, assume_unique=True)
+        emb[fresh] = self.embed_rows(rows[fresh], state)
+        codes = state["index"].sa_encode(emb)
+        k = min(self.k, e - s)
+        metric = state["index"].metric_type
+        dist, ids = f.knn(state["queries"], emb, k, metric=metric)
+        with atomic_path(block.paths[0]) as tmp:
+            with h5_open_write(tmp) as h:
+                h5_create(h, "data", data=codes)
+        with atomic_path(block.paths[1]) as tmp:
+            with h5_open_write(tmp) as h:
+                h5_create(h, "dist", data=dist.astype(np.float32))
+                h5_create(h, "ids", data=(ids + s).astype(np.int64))
+        return {"chunks": int(e - s), "embedded": int(len(fresh)), "reused": int(hi - lo)}
+
+    # ---- the merge: a one-off job
+    def finalize(self, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
+        import h5py
+
+        f = faiss_index.faiss()
+        f.omp_set_num_threads(faiss_index.threads())
+        reader = self.reader()
+        index = faiss_index.read_index(self.workdir.empty_index_path(self.index_str), "trained index")
+        _, queries = reader.queries()
+        heap = f.ResultHeap(len(queries), self.k, keep_max=index.metric_type == f.METRIC_INNER_PRODUCT)
+
+        def block_codes():
+            for b in blocks:
+                with h5py.File(b.paths[0], "r") as h:
+                    codes = h["data"][...]
+                with h5py.File(b.paths[1], "r") as h:
+                    heap.add_result(h["dist"][...], h["ids"][...])
+                yield codes, np.arange(b.start, b.end, dtype=np.int64)
+
+        index = faiss_index.add_codes_all(index, list(block_codes()) if _fast_scan(index) else block_codes())
+        heap.finalize()
+        truth = np.where(np.isfinite(heap.D), heap.I, -1)
+        given = {key: int(v) for key, v in (("nprobe", self.cfg.nprobe), ("efSearch", self.cfg.ef_search))
+                 if v != "auto"}
+        params, chosen, table = faiss_index.tune(index, queries, truth, self.cfg.num_neighbors_save,
+                                                 self.cfg.target_recall, given, log)
+        faiss_index.write_index(index, self.workdir.added_index_path(self.index_str))
+        k = min(self.cfg.num_neighbors_save, truth.shape[1])
+        write_json(self.workdir.search_params_path(self.index_str), {
+            "index_str": self.index_str, "params": params, "target_recall": self.cfg.target_recall,
+            "recall@10": chosen["recall@10"], f"recall@{k}": chosen[f"recall@{k}"], "k": k,
+            "n_queries": int(len(queries)), "table": table})
+        counts = [r["counts"] for r in results.values()]
+        return {"index_str": self.index_str, "n_chunks_added": int(index.ntotal),
+                "n_chunks_embedded": sum(c["embedded"] for c in counts),
+                "n_chunks_reused": sum(c["reused"] for c in counts), **params,
+                "recall@10": chosen["recall@10"], f"recall@{k}": chosen[f"recall@{k}"]}
+
+
+def _fast_scan(index) -> bool:
+    f = faiss_index.faiss()
+    return any(isinstance(p, (f.IndexIVFPQFastScan, f.IndexPQFastScan)) for p in faiss_index.parts(index))

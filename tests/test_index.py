@@ -1,0 +1,231 @@
+"""index-train and index-add: the parallel code add equals a serial faiss add, each chunk is embedded once,
+the stored recall is an exact brute-force computation, resume is byte-identical, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from retro_pipeline import faiss_index
+from retro_pipeline.cli import cli
+from retro_pipeline.config import RunOptions
+from retro_pipeline.corpus import write_indexed_dataset
+from retro_pipeline.pipeline import run_stages
+from retro_pipeline.tokenizers import load_gpt_tokenizer
+
+faiss = pytest.importorskip("faiss")
+
+INDEX_STRINGS = ["Flat", "IVF16,Flat", "SQ8", "IVF16,PQ8", "OPQ8_32,IVF16,PQ8", "IVF16_HNSW8,Flat", "PQ8x4fs",
+                 "IVF16,PQ8x4fs"]
+
+
+class _Log:
+    def __init__(self):
+        self.warnings = []
+
+    def warning(self, msg, *args):
+        self.warnings.append(msg % args)
+
+
+@pytest.mark.parametrize("index_str", INDEX_STRINGS)
+def test_block_codes_added_in_order_equal_a_serial_add(index_str):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 32)).astype(np.float32)
+    empty = faiss_index.train(index_str, x[:2000], _Log())
+    serial = faiss.clone_index(empty)
+    serial.add(x)
+    blocks = []
+    for s, e in ((0, 1500), (1500, 1501), (1501, 4000)):  # uneven blocks, one of a single row
+        worker_copy = faiss.deserialize_index(faiss.serialize_index(empty))  # as a worker reads it
+        blocks.append((worker_copy.sa_encode(x[s:e]), np.arange(s, e)))
+    merged = faiss_index.add_codes_all(faiss.clone_index(empty), blocks)
+    assert merged.ntotal == serial.ntotal == 4000
+    assert faiss.serialize_index(merged).tobytes() == faiss.serialize_index(serial).tobytes()
+    for idx in (merged, serial):
+        faiss_index.set_search_params(idx, {"nprobe": 4, "efSearch": 32})
+    q = rng.standard_normal((50, 32)).astype(np.float32)
+    d1, i1 = merged.search(q, 10)
+    d2, i2 = serial.search(q, 10)
+    assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+
+
+def test_training_does_not_depend_on_the_thread_count(monkeypatch):
+    x = np.random.default_rng(1).standard_normal((3000, 32)).astype(np.float32)
+    out = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("OMP_NUM_THREADS", n)
+        out[n] = faiss.serialize_index(faiss_index.train("OPQ8_32,IVF32,PQ8", x, _Log())).tobytes()
+    assert out["1"] == out["2"]
+
+
+def test_too_few_training_vectors_is_a_clear_error():
+    x = np.zeros((100, 32), np.float32)
+    with pytest.raises(Exception, match="100 training vectors for 256 IVF lists; faiss needs at least one per list"):
+        faiss_index.train("IVF256,Flat", x, _Log())
+    log = _Log()
+    faiss_index.train("IVF16,Flat", np.random.default_rng(0).standard_normal((200, 32)).astype(np.float32), log)
+    assert log.warnings and "200 training vectors for 16 IVF lists" in log.warnings[0]
+
+
+def test_auto_index_str_follows_size_and_memory():
+    assert faiss_index.auto_index_str(5000, 384, 1 << 40) == "Flat"
+    assert faiss_index.auto_index_str(5000, 384, 5000 * 384) == "SQ8"
+    assert faiss_index.auto_index_str(5000, 384, 5000 * 100) == "PQ96"
+    assert faiss_index.auto_index_str(500_000, 384, 1 << 40).startswith("IVF")
+    assert "_HNSW32," in faiss_index.auto_index_str(2_000_000, 384, 1 << 40)
+    with pytest.raises(Exception, match="--index-memory 10: too small for any index"):
+        faiss_index.auto_index_str(5000, 384, 10)
+    assert faiss_index.parse_memory("2G") == str(2 << 30) and faiss_index.parse_memory("auto") == "auto"
+
+
+# ---------------------------------------------------------------------- the stages on a real (tiny) build
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory, gpt_tokenizer_path, corpus_texts):
+    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
+    docs = [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:40])]
+    p = str(tmp_path_factory.mktemp("c") / "corpus")
+    write_indexed_dataset(p, docs, np.uint16)
+    return p
+
+
+def given(prefix, gpt, model, **kw):
+    return {"data_path": ["1", prefix], "gpt_tokenizer": gpt, "embedder": model, "chunk_length": 16,
+            "block_size": 300, "index_ntrain": "400", "split": "90,10,0", "index_str": "IVF8,Flat",
+            "batch_size": 32, "device": "cpu", "num_queries": 50, **kw}
+
+
+STAGES = ["db-build", "embed-sampled", "index-train", "index-add"]
+
+
+def build(wd, prefix, gpt, model, executor="local", **kw):
+    return run_stages(str(wd), STAGES, given(prefix, gpt, model, **kw), RunOptions(executor=executor, progress=False))
+
+
+def index_files(wd):
+    root = wd / "index"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "search.json"}
+
+
+def test_index_build_embeds_each_chunk_once_and_measures_recall_exactly(tmp_path, prefix, gpt_tokenizer_path,
+                                                                         tiny_bert_dir):
+    wd = tmp_path / "w"
+    out = build(wd, prefix, gpt_tokenizer_path, tiny_bert_dir)
+    n_train = out["db-build"]["n_chunks_train"]
+    assert out["db-build"]["n_chunks_sampled"] == 400 < n_train
+    # every train chunk embedded exactly once in the build: the sample by embed-sampled, the rest by index-add
+    assert out["embed-sampled"]["n_chunks"] + out["index-add"]["n_chunks_embedded"] == n_train
+    assert out["index-add"]["n_chunks_reused"] == 400 and out["index-add"]["n_chunks_added"] == n_train
+
+    # the index holds every train chunk's embedding under its train-DB row, as a plain encoder gives it
+    from embedder import Encoder
+    from retro_pipeline.read import WorkdirReader
+    from retro_pipeline.workdir import Workdir
+
+    reader = WorkdirReader(Workdir(wd))
+    index = reader.index()
+    ivf = faiss.extract_index_ivf(index)
+    ivf.make_direct_map()
+    xb = index.reconstruct_n(0, n_train)
+    enc = Encoder.load(tiny_bert_dir, device="cpu")
+    rows = reader.db_chunks("train", 0, 64)
+    np.testing.assert_allclose(xb[:64], enc.encode(reader.chunk_texts(rows)), atol=1e-5)
+
+    # the stored recall equals a brute-force numpy computation on the same queries
+    qrows, q = reader.queries()
+    assert len(q) == 50 and (qrows[:, 0] == 0).all()  # valid-DB chunks, not in the index
+    d2 = (q ** 2).sum(1)[:, None] - 2 * q @ xb.T + (xb ** 2).sum(1)[None, :]
+    truth = np.argsort(d2, axis=1, kind="stable")[:, :20]
+    search = reader.search_params()
+    assert search["params"]["nprobe"] in (1, 2, 4, 8) and search["recall@10"] >= 0.95
+    faiss_index.set_search_params(index, search["params"])
+    _, found = index.search(q, 20)
+    for k in (10, 20):
+        mine = np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)])
+        assert abs(mine - search[f"recall@{k}"]) < 1e-6, (k, mine, search)
+    assert [r["nprobe"] for r in search["table"]][:1] == [1]  # the whole table, cheapest first
+    st = CliRunner().invoke(cli, ["status", "--workdir", str(wd)]).output
+    assert "index-add" in st and "nprobe" in st and "recall@10" in st
+
+
+def test_interrupted_index_add_resumes_on_ray_byte_identical(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
+                                                              ray_session, monkeypatch):
+    from retro_pipeline.errors import StageFailed
+    from retro_pipeline.stages import index_add
+
+    build(tmp_path / "clean", prefix, gpt_tokenizer_path, tiny_bert_dir)
+    real = index_add.IndexAddStage.process
+    calls = {"n": 0}
+
+    def dying(self, block, state):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk went away")
+        return real(self, block, state)
+
+    monkeypatch.setattr(index_add.IndexAddStage, "process", dying)
+    with pytest.raises(StageFailed, match="disk went away"):
+        build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir)
+    monkeypatch.setattr(index_add.IndexAddStage, "process", real)
+    out = run_stages(str(tmp_path / "w"), ["index-add"], {"batch_size": 32, "device": "cpu"},
+                     RunOptions(executor="ray", num_workers=2, progress=False))
+    done = out["index-add"]
+    assert done["blocks_run"] == done["blocks"] - 2  # the two finished blocks were not recomputed
+    assert index_files(tmp_path / "w") == index_files(tmp_path / "clean")
+    assert done["n_chunks_embedded"] == json.loads(
+        (tmp_path / "clean" / "markers" / "index-add" / "_done.json").read_text())["n_chunks_embedded"]
+
+
+# ---------------------------------------------------------------------- bad input: one line each
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture()
+def embedded(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
+    wd = tmp_path / "w"
+    run_stages(str(wd), ["db-build", "embed-sampled"], given(prefix, gpt_tokenizer_path, tiny_bert_dir),
+               RunOptions(executor="local", progress=False))
+    return wd
+
+
+def one_line(r, *words):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("--force: rebuilding")]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def test_bad_index_input_is_one_line(embedded, tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
+    base = ("--workdir", embedded, "--executor", "local", "--no-progress", "--force")
+    one_line(invoke("index-train", *base, "--index-str", "IVF8,Bogus"), "--index-str 'IVF8,Bogus': faiss rejects")
+    one_line(invoke("index-train", *base, "--index-str", "HNSW8,Flat"), "cannot take precomputed codes")
+    one_line(invoke("index-train", *base, "--index-str", "IVF4096,Flat"), "400 training vectors for 4096 IVF lists")
+    one_line(invoke("index-train", *base, "--index-str", "auto", "--index-memory", "10"), "too small for any index")
+    assert not list((embedded / "index").rglob("*.faissindex"))  # nothing complete-looking left
+
+    # a corrupt trained index; then one of another dimension than the embedder
+    assert invoke("index-train", *base, "--index-str", "Flat").exit_code == 0
+    empty = embedded / "index" / "faiss-par-add" / "Flat" / "empty_1.000.faissindex"
+    empty.write_bytes(b"garbage")
+    one_line(invoke("index-add", "--workdir", embedded, "--executor", "local", "--no-progress"),
+             str(empty), "not a readable faiss index")
+    faiss.write_index(faiss.IndexFlatL2(7), str(empty))
+    one_line(invoke("index-add", "--workdir", embedded, "--executor", "local", "--no-progress"),
+             "takes 7-dimensional vectors but the embedder gives 32")
+    assert not (empty.parent / "added_1.000_1.000.faissindex").exists()
+
+    # index-train before embed-sampled
+    wd2 = tmp_path / "w2"
+    run_stages(str(wd2), ["db-build"], given(prefix, gpt_tokenizer_path, tiny_bert_dir),
+               RunOptions(executor="local", progress=False))
+    one_line(invoke("index-train", "--workdir", wd2, "--executor", "local"), "index-train needs embed-sampled")
+    assert not os.path.exists(wd2 / "index")
