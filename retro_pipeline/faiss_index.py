@@ -365,6 +365,9 @@ def tune(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float, g
         best = max(best, row["recall@10"])
         if row["recall@10"] >= 0.9999:
             break  # nothing dearer can do better
+        if len(table) >= 3 and table[-1]["recall@10"] - table[-3]["recall@10"] < 0.001 and \
+                table[-1].get("nprobe") != table[-2].get("nprobe") != table[-3].get("nprobe"):
+            break  # the codes, not the search, limit recall now
     reach = [r for r in table if r["recall@10"] >= target]
     if reach:
         chosen = reach[0]

@@ -229,3 +229,43 @@ def test_bad_index_input_is_one_line(embedded, tmp_path, prefix, gpt_tokenizer_p
                RunOptions(executor="local", progress=False))
     one_line(invoke("index-train", "--workdir", wd2, "--executor", "local"), "index-train needs embed-sampled")
     assert not os.path.exists(wd2 / "index")
+
+
+def test_sigkill_during_index_add_then_rerun_with_one_worker_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
+                                                                                 tiny_bert_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    build(tmp_path / "ref", prefix, gpt_tokenizer_path, tiny_bert_dir)
+    wd = tmp_path / "w"
+    run_stages(str(wd), STAGES[:3], given(prefix, gpt_tokenizer_path, tiny_bert_dir),
+               RunOptions(executor="local", progress=False))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def cmd(workers):
+        return [sys.executable, "-m", "retro_pipeline.cli", "index-add", "--workdir", str(wd), "--batch-size", "32",
+                "--device", "cpu", "--num-workers", str(workers), "--no-progress"]
+
+    markers = wd / "markers" / "index-add"
+    proc = subprocess.Popen(cmd(2), start_new_session=True, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if markers.exists() and len([p for p in markers.glob("*.json") if not p.name.startswith("_")]) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "index-add ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len([p for p in markers.glob("*.json") if not p.name.startswith("_")])
+    total = len(json.loads((markers / "_plan.json").read_text())["blocks"])
+    assert 2 <= n_done < total and not (markers / "_done.json").exists()
+    assert not any(p.name.endswith(".faissindex") and p.name.startswith("added")
+                   for p in (wd / "index").rglob("*"))
+
+    r = subprocess.run(cmd(1), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert index_files(wd) == index_files(tmp_path / "ref")
+    assert json.loads((markers / "_done.json").read_text())["blocks_run"] == total - n_done
