@@ -302,6 +302,38 @@ def add_codes_all(index, blocks):
     return index
 
 
+def is_fast_scan(index) -> bool:
+    f = faiss()
+    return any(isinstance(p, (f.IndexIVFPQFastScan, f.IndexPQFastScan)) for p in parts(index))
+
+
+def add_codes_on_disk(index, blocks, lists_dir, scratch) -> Any:
+    """Like :func:`add_codes_all`, but the IVF lists end in ``lists_dir/lists.ivfdata``
+    (``OnDiskInvertedLists``, memory-mapped when read) instead of memory: each block becomes a one-block
+    index file in ``scratch``, and faiss merges their lists into the on-disk file list by list, in block
+    order, so ids and search results equal an in-memory add. ``lists_dir`` is written as a temporary
+    directory renamed into place (a kill never leaves half a list file)."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    from retro_pipeline.io import atomic_dir
+
+    f = faiss()
+    shards = []
+    for i, (codes, ids) in enumerate(blocks):
+        shard = add_codes(f.clone_index(index), codes, ids)
+        path = os.path.join(scratch, f"block{i:06d}.faissindex")
+        f.write_index(shard, path)
+        shards.append(path)
+        del shard
+    final = os.path.join(os.path.abspath(lists_dir), "lists.ivfdata")
+    with atomic_dir(lists_dir) as tmp:
+        with quiet_native_output():
+            merge_ondisk(index, shards, os.path.join(tmp, "lists.ivfdata"))
+        lists = f.downcast_InvertedLists(f.extract_index_ivf(index).invlists)
+        lists.filename = final  # where the file is once the directory is renamed into place
+    return index
+
+
 # ---------------------------------------------------------------------- search parameters and recall
 
 

@@ -35,17 +35,23 @@ def read_json(path: str | os.PathLike, default=None):
 
 
 def sweep_temporaries(*dirs: str | os.PathLike) -> int:
-    """Remove stale ``*.tmp-<pid>`` files under ``dirs`` (recursively); return how many were removed."""
+    """Remove stale ``*.tmp-<pid>`` files and directories under ``dirs`` (recursively); return how many."""
+    import shutil
+
     n = 0
     for d in dirs:
         d = Path(d)
         if not d.exists():
             continue
-        for p in d.rglob("*.tmp-*"):
-            if TMP_RE.search(p.name) and p.is_file():
-                with contextlib.suppress(FileNotFoundError):
+        for p in sorted(d.rglob("*.tmp-*"), key=lambda q: len(q.parts)):
+            if not TMP_RE.search(p.name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
                     p.unlink()
-                    n += 1
+                n += 1
     return n
 
 

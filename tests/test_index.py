@@ -269,3 +269,56 @@ def test_sigkill_during_index_add_then_rerun_with_one_worker_is_byte_identical(t
     assert r.returncode == 0, r.stderr[-3000:]
     assert index_files(wd) == index_files(tmp_path / "ref")
     assert json.loads((markers / "_done.json").read_text())["blocks_run"] == total - n_done
+
+
+def test_an_index_larger_than_index_memory_keeps_its_lists_on_disk(tmp_path, prefix, gpt_tokenizer_path,
+                                                                    tiny_bert_dir):
+    from retro_pipeline.read import WorkdirReader
+    from retro_pipeline.workdir import Workdir
+
+    mem = build(tmp_path / "mem", prefix, gpt_tokenizer_path, tiny_bert_dir)
+    disk = build(tmp_path / "disk", prefix, gpt_tokenizer_path, tiny_bert_dir, index_memory="1K")
+    assert not mem["index-add"]["lists_on_disk"] and disk["index-add"]["lists_on_disk"]
+    wd = Workdir(tmp_path / "disk")
+    lists = wd.added_lists_dir("IVF8,Flat") / "lists.ivfdata"
+    assert lists.stat().st_size > 0 and not list(wd.index_dir("IVF8,Flat").glob("*.tmp-*"))
+    assert wd.added_index_path("IVF8,Flat").stat().st_size < lists.stat().st_size  # the lists are not in it
+    a, b = WorkdirReader(Workdir(tmp_path / "mem")), WorkdirReader(wd)
+    ia, ib = a.index(), b.index()
+    assert "OnDisk" in type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(ib).invlists)).__name__
+    _, q = a.queries()
+    da, ia_ = ia.search(q, 20)
+    db_, ib_ = ib.search(q, 20)
+    assert np.array_equal(ia_, ib_) and np.array_equal(da, db_)
+    sa, sb = a.search_params(), b.search_params()
+    assert sa["params"] == sb["params"] and sa["recall@10"] == sb["recall@10"]
+
+
+def test_kept_embeddings_let_another_index_str_skip_embedding(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
+    wd = tmp_path / "w"
+    first = build(wd, prefix, gpt_tokenizer_path, tiny_bert_dir, keep_embeddings=True)
+    n_train = first["db-build"]["n_chunks_train"]
+    assert first["index-add"]["n_chunks_embedded"] == n_train - 400
+    kept = sorted((wd / "embed" / "train").glob("*.hdf5"))
+    assert len(kept) == first["index-add"]["blocks"]
+    r = invoke("index-build", "--workdir", wd, "--index-str", "Flat", "--force", "--executor", "local",
+               "--no-progress", "--batch-size", 32, "--device", "cpu", "--keep-embeddings")
+    assert r.exit_code == 0, r.output
+    done = json.loads((wd / "markers" / "index-add" / "_done.json").read_text())
+    assert done["n_chunks_embedded"] == 0 and done["n_chunks_from_kept"] == n_train
+    from retro_pipeline.read import WorkdirReader
+    from retro_pipeline.workdir import Workdir
+
+    xb = WorkdirReader(Workdir(wd)).index().reconstruct_n(0, n_train)
+    import h5py
+
+    want = np.concatenate([h5py.File(p, "r")["data"][...] for p in kept]).astype(np.float32)
+    assert np.array_equal(xb, want)  # the Flat index holds exactly the kept vectors, in row order
+    # a changed upstream setting makes the kept embeddings stale: they are dropped, never used
+    assert invoke("db-build", "--workdir", wd, "--chunk-length", 8, "--force", "--executor", "local",
+                  "--no-progress").exit_code == 0
+    out = run_stages(str(wd), STAGES[1:], {"batch_size": 32, "device": "cpu", "keep_embeddings": True},
+                     RunOptions(executor="local", progress=False))
+    assert out["index-add"]["n_chunks_from_kept"] == 0
+    assert out["embed-sampled"]["n_chunks"] + out["index-add"]["n_chunks_embedded"] == \
+        json.loads((wd / "markers" / "db-build" / "_done.json").read_text())["n_chunks_train"]

@@ -59,6 +59,9 @@ class IndexAddStage(EmbeddingStage):
         Option("nprobe", str, "auto", "IVF lists searched per query, or auto (tuned).",
                normalize=auto_or_positive("--nprobe")),
         Option("ef_search", str, "auto", "HNSW efSearch, or auto (tuned).", normalize=auto_or_positive("--ef-search")),
+        Option("keep_embeddings", bool, False, "Also keep float16 embeddings of every train chunk (embed/train/), so "
+               "that a later --index-str change (with --force) re-adds them without embedding again.",
+               changes_output=False),
         *EMBED_OPTIONS,
     )
 
@@ -75,8 +78,29 @@ class IndexAddStage(EmbeddingStage):
     def k(self) -> int:
         return max(10, self.cfg.num_neighbors_save)
 
+    # ---- kept embeddings (--keep-embeddings): a cache valid for one embed-sampled fingerprint and inputs
+    def kept_source(self) -> dict[str, Any]:
+        import hashlib
+        import json
+
+        stored = self.workdir.stored()
+        inputs = hashlib.sha256(json.dumps(stored.get("inputs") or {}, sort_keys=True).encode()).hexdigest()[:16]
+        return {"embed-sampled": (stored.get("fingerprints") or {}).get("embed-sampled"), "inputs": inputs}
+
+    def kept_valid(self) -> bool:
+        from retro_pipeline.io import read_json
+
+        return read_json(self.workdir.embed_dir("train") / "_source.json") == self.kept_source()
+
     # ---- driver side
     def prepare(self) -> None:
+        import shutil
+
+        kept = self.workdir.embed_dir("train")
+        if kept.exists() and not self.kept_valid():  # made from other settings or inputs
+            shutil.rmtree(kept)
+        if self.cfg.keep_embeddings and not kept.exists():
+            write_json(kept / "_source.json", self.kept_source())
         self.reader().index_info()
         faiss_index.read_index(self.workdir.empty_index_path(self.index_str), "trained index")
 
@@ -93,11 +117,11 @@ class IndexAddStage(EmbeddingStage):
         s = self.index_str if self.workdir.index_info_path.exists() else None
         if s is None:
             return []
-        return [self.workdir.add_codes_dir(s), self.workdir.add_truth_dir(s), self.workdir.added_index_path(s),
-                self.workdir.search_params_path(s)]
+        return [self.workdir.add_codes_dir(s), self.workdir.add_truth_dir(s), self.workdir.added_lists_dir(s),
+                self.workdir.added_index_path(s), self.workdir.search_params_path(s)]
 
     def final_outputs(self) -> list[Path]:
-        return self.outputs()[2:]
+        return self.outputs()[3:]
 
     # ---- worker side
     def setup(self, resources: dict[str, Any]):
@@ -109,22 +133,36 @@ class IndexAddStage(EmbeddingStage):
                              f"vectors but the embedder gives {state['encoder'].dim}; rebuild the index with "
                              f"'retro-pipeline index-build --force' or use the embedder it was trained for")
         faiss_index.faiss().omp_set_num_threads(max(1, int(resources.get("num_cpus") or 1)))
-        state.update(index=index, sampled_rows=reader.sampled_train_rows(), queries=reader.queries()[1])
+        state.update(index=index, sampled_rows=reader.sampled_train_rows(), queries=reader.queries()[1],
+                     kept=self.kept_valid())
         return state
 
     def process(self, block: Block, state) -> dict[str, Any]:
         f = faiss_index.faiss()
         reader = self.reader()
         s, e = block.start, block.end
-        rows = reader.db_chunks("train", s, e)
-        sampled = state["sampled_rows"]
-        lo, hi = np.searchsorted(sampled, [s, e])
-        emb = np.empty((e - s, state["index"].d), dtype=np.float32)
-        reused = sampled[lo:hi] - s
-        if hi > lo:
-            emb[reused] = reader.embedding_rows("sampled", int(lo), int(hi))
-        fresh = np.setdiff1d(np.arange(e - s), reused, assume_unique=True)
-        emb[fresh] = self.embed_rows(rows[fresh], state)
+        kept = self.workdir.embed_dir("train") / Path(block.path).name
+        if state["kept"] and kept.exists():
+            import h5py
+
+            with h5py.File(kept, "r") as h:
+                emb = h["data"][...].astype(np.float32)
+            n_fresh, n_reused, n_kept = 0, 0, e - s
+        else:
+            rows = reader.db_chunks("train", s, e)
+            sampled = state["sampled_rows"]
+            lo, hi = np.searchsorted(sampled, [s, e])
+            emb = np.empty((e - s, state["index"].d), dtype=np.float32)
+            reused = sampled[lo:hi] - s
+            if hi > lo:
+                emb[reused] = reader.embedding_rows("sampled", int(lo), int(hi))
+            fresh = np.setdiff1d(np.arange(e - s), reused, assume_unique=True)
+            emb[fresh] = self.embed_rows(rows[fresh], state)
+            n_fresh, n_reused, n_kept = len(fresh), int(hi - lo), 0
+            if state["kept"]:
+                with atomic_path(kept) as tmp:
+                    with h5_open_write(tmp) as h:
+                        h5_create(h, "data", data=emb.astype(np.float16))
         codes = state["index"].sa_encode(emb)
         k = min(self.k, e - s)
         metric = state["index"].metric_type
@@ -136,7 +174,7 @@ class IndexAddStage(EmbeddingStage):
             with h5_open_write(tmp) as h:
                 h5_create(h, "dist", data=dist.astype(np.float32))
                 h5_create(h, "ids", data=(ids + s).astype(np.int64))
-        return {"chunks": int(e - s), "embedded": int(len(fresh)), "reused": int(hi - lo)}
+        return {"chunks": int(e - s), "embedded": int(n_fresh), "reused": n_reused, "kept": n_kept}
 
     # ---- the merge: a one-off job
     def finalize(self, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
@@ -157,7 +195,24 @@ class IndexAddStage(EmbeddingStage):
                     heap.add_result(h["dist"][...], h["ids"][...])
                 yield codes, np.arange(b.start, b.end, dtype=np.int64)
 
-        index = faiss_index.add_codes_all(index, list(block_codes()) if _fast_scan(index) else block_codes())
+        n_total = sum(b.size for b in blocks)
+        need = n_total * (index.sa_code_size() + 8)
+        on_disk = need > faiss_index.memory_budget(self.cfg.index_memory)
+        if on_disk and (faiss_index.ivf_of(index) is None or faiss_index.is_fast_scan(index)):
+            log.warning("index-add: the index needs %d bytes, more than --index-memory, but only IVF indexes "
+                        "without fast-scan codes can keep their lists on disk; building it in memory", need)
+            on_disk = False
+        if on_disk:
+            import tempfile
+
+            log.info("index-add: %d bytes of codes, more than --index-memory: the lists go on disk (%s)", need,
+                     self.workdir.added_lists_dir(self.index_str))
+            with tempfile.TemporaryDirectory(dir=self.workdir.index_dir(self.index_str)) as scratch:
+                index = faiss_index.add_codes_on_disk(index, block_codes(), self.workdir.added_lists_dir(self.index_str),
+                                                      scratch)
+        else:
+            index = faiss_index.add_codes_all(index, list(block_codes()) if faiss_index.is_fast_scan(index)
+                                              else block_codes())
         heap.finalize()
         truth = np.where(np.isfinite(heap.D), heap.I, -1)
         given = {key: int(v) for key, v in (("nprobe", self.cfg.nprobe), ("efSearch", self.cfg.ef_search))
@@ -171,12 +226,8 @@ class IndexAddStage(EmbeddingStage):
             "recall@10": chosen["recall@10"], f"recall@{k}": chosen[f"recall@{k}"], "k": k,
             "n_queries": int(len(queries)), "table": table})
         counts = [r["counts"] for r in results.values()]
-        return {"index_str": self.index_str, "n_chunks_added": int(index.ntotal),
+        return {"index_str": self.index_str, "n_chunks_added": int(index.ntotal), "lists_on_disk": on_disk,
                 "n_chunks_embedded": sum(c["embedded"] for c in counts),
-                "n_chunks_reused": sum(c["reused"] for c in counts), **params,
+                "n_chunks_reused": sum(c["reused"] for c in counts),
+                "n_chunks_from_kept": sum(c.get("kept", 0) for c in counts), **params,
                 "recall@10": chosen["recall@10"], f"recall@{k}": chosen[f"recall@{k}"]}
-
-
-def _fast_scan(index) -> bool:
-    f = faiss_index.faiss()
-    return any(isinstance(p, (f.IndexIVFPQFastScan, f.IndexPQFastScan)) for p in faiss_index.parts(index))
