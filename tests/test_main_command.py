@@ -35,3 +35,8 @@ def test_readme_main_command(tmp_path):
     st = subprocess.run([script("retro-pipeline"), "status", "--workdir", "demo"], cwd=tmp_path, capture_output=True,
                         text=True, check=True).stdout
     assert st.count(" done ") == 4
+    # every train chunk embedded once; the default index reaches recall@10 >= 0.95 against exact search
+    n_train = infos[0]["n_chunks_train"]
+    assert f"chunks embedded: {n_train} (train DB: {n_train} chunks" in r.stdout
+    search = json.loads(next((wd / "index").rglob("search.json")).read_text())
+    assert search["recall@10"] >= 0.95 and search["n_queries"] == infos[0]["n_chunks"] - n_train
