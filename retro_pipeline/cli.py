@@ -160,7 +160,7 @@ def _stop(message: str, code: int, standalone: bool):
 @click.group(cls=RetroCLI, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="retro-pipeline")
 def cli():
-    """RETRO retrieval preprocessing on Ray: corpora → chunk database → embeddings → faiss index (→ neighbors).
+    """RETRO retrieval preprocessing on Ray: corpora → chunk database → embeddings → faiss index → neighbors.
 
     Start with `retro-pipeline build --workdir W`: with no --data-path it builds a demo corpus from the
     Python standard library's documentation and runs every stage on it. Each stage also runs alone;

@@ -146,6 +146,11 @@ class Workdir:
         self._stored = {**stored, **values, "fingerprints": fingerprints, "fingerprint_version": FINGERPRINT_VERSION}
         write_json(self.config_path, self._stored)
 
+    def store_extra(self, values: dict[str, Any]) -> None:
+        """Add keys a stage records for its readers (e.g. ``retro_neighbor_dirs``) to config.json."""
+        self._stored = {**self.stored(), **values}
+        write_json(self.config_path, self._stored)
+
     def invalidate(self, stages, outputs: dict[str, list[Path]]) -> None:
         """Delete the markers and outputs of ``stages`` (used by --force)."""
         for s in stages:

@@ -34,7 +34,11 @@ def test_readme_main_command(tmp_path):
     assert "train chunks in" in r.stdout and "[dataset 0 doc 0 tokens 0:64]" in r.stdout
     st = subprocess.run([script("retro-pipeline"), "status", "--workdir", "demo"], cwd=tmp_path, capture_output=True,
                         text=True, check=True).stdout
-    assert st.count(" done ") == 4
+    assert st.count(" done ") == 5
+    dirs = json.loads((wd / "config.json").read_text())["retro_neighbor_dirs"]
+    parts = [h5py.File(p, "r")["neighbors"][...] for p in sorted((wd / "query" / dirs["train"]).glob("*.hdf5"))]
+    nb = np.concatenate(parts)
+    assert nb.shape[1] == 20 and nb.shape[0] % 32 == 0 and nb.max() < infos[0]["n_chunks_train"] and (nb[:, 0] >= 0).all()
     # every train chunk embedded once; the default index reaches recall@10 >= 0.95 against exact search
     n_train = infos[0]["n_chunks_train"]
     assert f"chunks embedded: {n_train} (train DB: {n_train} chunks" in r.stdout

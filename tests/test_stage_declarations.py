@@ -110,7 +110,7 @@ def test_help_and_commands_come_from_the_declaration(toy_stage):
     assert "--chunk-length" not in own.output and "--batch-size" not in own.output  # only its own options
     assert "total.json" in own.output  # the docstring's body is the long help
     build = invoke("build", "--help").output
-    assert "index-add, toy-count)" in " ".join(build.split()) and "--toy-scale" in build and "--chunk-length" in build
+    assert ", toy-count)" in " ".join(build.split()) and "--toy-scale" in build and "--chunk-length" in build
     assert "--toy-scale" not in invoke("db-build", "--help").output
 
 
@@ -132,8 +132,8 @@ def test_toy_stage_runs_is_stored_and_rebuilds_with_force(tmp_path, corpus, gpt_
     assert set(stored["fingerprints"]) >= {"db-build", "embed-sampled", "toy-count"}
     st = invoke("status", "--workdir", wd).output
     states = {line.split()[0]: line.split()[1] for line in st.splitlines()}
-    assert states == {"db-build": "done", "embed-sampled": "not", "index-train": "not", "index-add": "not",
-                      "toy-count": "done"}
+    assert states.pop("db-build") == "done" and states.pop("toy-count") == "done"
+    assert set(states.values()) == {"not"} and "embed-sampled" in states  # every other stage: not started
 
     # another value of its option: refused, then rebuilt with --force; the stage it needs is left alone
     r = invoke("toy-count", "--workdir", wd, "--no-progress", "--executor", "local", "--toy-scale", 5)

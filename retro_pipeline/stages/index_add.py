@@ -39,6 +39,11 @@ def auto_or_positive(flag: str):
     return normalize
 
 
+# shared with query-neighbors, which keeps that many neighbors per chunk
+NUM_NEIGHBORS_SAVE = Option("num_neighbors_save", int, 20, "Neighbors kept per chunk (and the k of the measured "
+                            "recall@k).", minimum=1)
+
+
 class IndexAddStage(EmbeddingStage):
     """Embed every train chunk once, add it to the index (added_1.000_1.000.faissindex) and tune its search.
 
@@ -52,8 +57,7 @@ class IndexAddStage(EmbeddingStage):
     group = "index-build"
     unit = "chunks"
     options = (
-        Option("num_neighbors_save", int, 20, "Neighbors kept per chunk: the k of the measured recall@k.",
-               minimum=1),
+        NUM_NEIGHBORS_SAVE,
         Option("target_recall", float, 0.95, "Recall@10 the tuned search settings must reach.", minimum=0,
                open_minimum=True),
         Option("nprobe", str, "auto", "IVF lists searched per query, or auto (tuned).",
