@@ -219,7 +219,9 @@ def status(workdir):
 
 
 def _show_examples(workdir: str, n: int = 3) -> None:
-    """Print a few chunks of a finished DB so the user sees real output."""
+    """Print a few chunks of a finished DB, and neighbors of a pretraining sample, so the user sees real output."""
+    import numpy as np
+
     from retro_pipeline.read import WorkdirReader
     from retro_pipeline.workdir import Workdir
 
@@ -231,6 +233,21 @@ def _show_examples(workdir: str, n: int = 3) -> None:
     click.echo(f"\n{total} train chunks in {wd.merged_db_path('train')}; a few of them:")
     for r, t in zip(rows, texts):
         click.echo(f"  [dataset {r[0]} doc {r[1]} tokens {r[2]}:{r[3]}] {t[:150]!r}")
+    if not (wd.stored().get("retro_neighbor_dirs") or {}).get("train"):
+        return
+    ss = reader.samples("train")
+    nb = reader.neighbors("train")
+    tokens = ss.tokens(0, 1)[0, :ss.seq_length].reshape(ss.L, ss.chunk_length)
+    docs = [f"{a}/{b}" for a, b in ss.doc_ids(0)]
+    shown = ", ".join(docs[:6]) + (f" and {len(docs) - 6} more" if len(docs) > 6 else "")
+    click.echo(f"\nneighbors of pretraining sample 0 (its documents, dataset/doc: {shown}; never neighbors of it):")
+    for j in sorted({0, ss.L // 2}):
+        text = reader.chunk_reader.gpt.detokenize_flat(tokens[j], np.array([0, ss.chunk_length]))[0]
+        click.echo(f"  chunk {j}: {text[:120]!r}")
+        hits = [int(x) for x in nb[j][:2] if x >= 0]
+        rows = np.concatenate([reader.db_rows("train", [h]) for h in hits]) if hits else np.zeros((0, 5), np.uint32)
+        for row, t in zip(rows, reader.chunk_texts(rows)):  # in rank order
+            click.echo(f"    neighbor [dataset {row[0]} doc {row[1]}]: {t[:120]!r}")
 
 
 def main():

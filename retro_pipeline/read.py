@@ -179,6 +179,29 @@ class WorkdirReader:
         faiss_index.set_search_params(index, self.search_params()["params"])
         return index
 
+    def samples(self, split: str):
+        """The pretraining samples of ``split`` that query-neighbors used."""
+        from retro_pipeline.samples import SampleSet
+
+        n = self.config.train_samples if split == "train" else self.config.eval_samples
+        return SampleSet(self.workdir, self.config, split, n)
+
+    def neighbors(self, split: str) -> np.ndarray:
+        """Saved neighbor rows of every chunk of ``split``'s samples: int64 [n_chunks, num_neighbors_save]."""
+        import h5py
+
+        dirs = self.workdir.stored().get("retro_neighbor_dirs") or {}
+        if split not in dirs:
+            raise RetroError(f"{self.workdir.config_path}: no neighbors of split {split!r}; run 'retro-pipeline "
+                             f"query-neighbors --workdir {self.workdir.root}' first")
+        files = sorted((self.workdir.root / "query" / dirs[split]).glob("*.hdf5"),
+                       key=lambda p: int(p.name.split("-")[0]))
+        parts = []
+        for p in files:
+            with h5py.File(p, "r") as f:
+                parts.append(f["neighbors"][...])
+        return np.concatenate(parts) if parts else np.zeros((0, self.config.num_neighbors_save), np.int64)
+
     def _db_path(self, db: str):
         path = self.workdir.merged_db_path(db)
         if not path.exists():

@@ -32,6 +32,7 @@ def test_readme_main_command(tmp_path):
     assert emb.shape == (n_sampled, 384)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)  # MiniLM normalizes
     assert "train chunks in" in r.stdout and "[dataset 0 doc 0 tokens 0:64]" in r.stdout
+    assert "neighbors of pretraining sample 0" in r.stdout and r.stdout.count("    neighbor [dataset 0 doc") >= 2
     st = subprocess.run([script("retro-pipeline"), "status", "--workdir", "demo"], cwd=tmp_path, capture_output=True,
                         text=True, check=True).stdout
     assert st.count(" done ") == 5
