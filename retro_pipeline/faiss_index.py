@@ -290,12 +290,11 @@ def _add_existing(twin, fast) -> None:
 
 def add_codes_all(index, blocks):
     """Add every ``(codes, ids)`` of ``blocks`` in order. Fast-scan indexes get them in one repacking."""
-    f = faiss()
-    fast = any(isinstance(p, (f.IndexIVFPQFastScan, f.IndexPQFastScan)) for p in parts(index))
-    if fast:
-        codes, ids = zip(*blocks) if blocks else ((), ())
-        if not codes:
+    if is_fast_scan(index):
+        blocks = list(blocks)
+        if not blocks:
             return index
+        codes, ids = zip(*blocks)
         return add_codes(index, np.concatenate(codes), np.concatenate(ids))
     for codes, ids in blocks:
         index = add_codes(index, codes, ids)

@@ -86,9 +86,8 @@ def changed_inputs(stored: dict[str, dict]) -> list[tuple[str, str]]:
     return out
 
 
-def check_inputs(stored: dict[str, dict], workdir) -> None:
-    """Raise a one-line error naming the first input that changed since the workdir recorded it."""
-    changed = changed_inputs(stored)
+def check_inputs(changed: list[tuple[str, str]], workdir) -> None:
+    """Raise a one-line error naming the first of ``changed`` (from :func:`changed_inputs`), if any."""
     if changed:
         path, what = changed[0]
         more = f" (and {len(changed) - 1} more input file(s))" if len(changed) > 1 else ""

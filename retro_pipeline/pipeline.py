@@ -48,6 +48,16 @@ def fingerprints(cfg: Config) -> dict[str, str]:
     return out
 
 
+def reading(wd: Workdir, cfg: Config, changed: dict[str, str]) -> dict[str, str]:
+    """Stage name -> the first of the ``changed`` input files that it reads (stages reading none left out)."""
+    out = {}
+    for cls in all_stages():
+        files = sorted({str(p) for p in make_stage(cls, wd, cfg).input_files()} & set(changed)) if changed else []
+        if files:
+            out[cls.name] = files[0]
+    return out
+
+
 @dataclass
 class Opened:
     """A workdir as a command sees it: its config, the stages to rebuild, what to store."""
@@ -66,7 +76,7 @@ def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False) -> Ope
     input file that changed since it was recorded are one-line errors. With ``force`` they name the stages
     to rebuild: the stages the option or file belongs to, and every stage downstream of them.
     """
-    from retro_pipeline.fingerprints import changed_inputs
+    from retro_pipeline.fingerprints import changed_inputs, check_inputs
 
     stored = wd.stored()
     cfg, conflicts = cfgmod.resolve(stored, given)
@@ -79,13 +89,9 @@ def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False) -> Ope
     started = [c.name for c in all_stages() if wd.stage_status(c.name)["state"] != "not started"]
     old_fps = wd.stored_fingerprints()
     changed_fp = [s for s in started if old_fps is not None and old_fps.get(s) not in (None, fps[s])]
-    changed_files = dict(changed_inputs(stored.get("inputs") or {})) if stored else {}
-    file_stages = [cls.name for cls in all_stages()
-                   if changed_files and {str(p) for p in make_stage(cls, wd, cfg).input_files()} & set(changed_files)]
-    if changed_files and not force:
-        from retro_pipeline.fingerprints import check_inputs
-
-        check_inputs(stored["inputs"], wd.root)
+    changed = changed_inputs(stored.get("inputs") or {})
+    if not force:
+        check_inputs(changed, wd.root)
     if changed_fp and not force:
         first = changed_fp[0]
         raise RetroError(f"{wd.config_path}: stage {first} was built with other settings than this workdir's "
@@ -93,7 +99,7 @@ def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False) -> Ope
                          f"rebuild it, or use a new --workdir")
     rebuild = []
     if force:
-        roots = {s for k in conflicts for s in owners(k)} | set(changed_fp) | set(file_stages)
+        roots = {s for k in conflicts for s in owners(k)} | set(changed_fp) | set(reading(wd, cfg, dict(changed)))
         rebuild = [s for s in stage_order() if s in downstream_of(roots)]
     return Opened(wd, cfg, fps, rebuild, record_inputs=bool(rebuild) or "inputs" not in stored)
 
@@ -145,12 +151,14 @@ def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool) -> dic
             wd.invalidate(opened.rebuild, {s: every[s].outputs() + every[s].final_outputs() for s in opened.rebuild})
         if objs:
             objs[0].check()  # check the inputs before the config is stored
+        executor = make_executor(run)
+        if any(wd.stage_status(st.name)["state"] != "done" for st in objs):
+            executor.connect()  # an unreachable cluster is an error before anything is written
         inputs = None
         if opened.record_inputs:
             inputs = record_inputs(p for st in every.values() for p in st.input_files())
         wd.store(cfg.stored(), opened.fingerprints, inputs=inputs)
         attach_workdir_log(wd.root)
-        executor = make_executor(run)
         out = {}
         for st in objs:
             out[st.name] = run_stage(st, executor, progress=run.progress)
@@ -172,10 +180,10 @@ def status(workdir) -> dict[str, dict]:
     changed = dict(changed_inputs(stored.get("inputs") or {}))
     fps, old_fps = fingerprints(cfg), wd.stored_fingerprints()
     why: dict[str, str] = {}
+    read_changed = reading(wd, cfg, changed)
     for cls in all_stages():
-        files = {str(p) for p in make_stage(cls, wd, cfg).input_files()} & set(changed)
-        if files:
-            f = sorted(files)[0]
+        if cls.name in read_changed:
+            f = read_changed[cls.name]
             why[cls.name] = f"{f} {changed[f]}"
         elif old_fps is not None and old_fps.get(cls.name) not in (None, fps[cls.name]):
             why[cls.name] = "its settings changed"

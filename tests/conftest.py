@@ -83,3 +83,17 @@ def tiny_bert_dir(tmp_path_factory, bert_dir) -> str:
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture()
+def corpus(tmp_path, gpt_tokenizer_path, corpus_texts):
+    """A 12-document Megatron corpus of real text (GPT tokens, EOD-terminated) under tmp_path/c."""
+    import numpy as np
+
+    from retro_pipeline.corpus import write_indexed_dataset
+    from retro_pipeline.tokenizers import load_gpt_tokenizer
+
+    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
+    prefix = str(tmp_path / "c")
+    write_indexed_dataset(prefix, [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:12])], np.uint16)
+    return prefix

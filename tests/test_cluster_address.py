@@ -28,8 +28,11 @@ def free_port() -> int:
 @pytest.fixture()
 def head_node(tmp_path):
     """A one-node Ray cluster of its own (`--block` keeps it ours: stopping it stops only its processes)."""
+    from retro_pipeline.executor.ray import cluster_file
+
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    before = open(cluster_file()).read() if os.path.exists(cluster_file()) else None
     proc = subprocess.Popen([script("ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                              "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
                              "--disable-usage-stats"], env=env, start_new_session=True,
@@ -45,6 +48,13 @@ def head_node(tmp_path):
     yield f"127.0.0.1:{port}"
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=60)
+    # `ray start` recorded this cluster for `--address auto`; a dead address must not outlive the test
+    if os.path.exists(cluster_file()) and open(cluster_file()).read().strip().endswith(f":{port}"):
+        if before is None:
+            os.unlink(cluster_file())
+        else:
+            with open(cluster_file(), "w") as f:
+                f.write(before)
 
 
 def test_address_joins_a_cluster(tmp_path, head_node, gpt_tokenizer_path, bert_dir, corpus_texts):

@@ -19,14 +19,6 @@ from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
 
-@pytest.fixture()
-def corpus(tmp_path, gpt_tokenizer_path, corpus_texts):
-    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
-    prefix = str(tmp_path / "c")
-    write_indexed_dataset(prefix, [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:12])], np.uint16)
-    return prefix
-
-
 def db_args(wd, prefix, gpt, bert, *extra, local=True):
     return ["db-build", "--workdir", str(wd), "--data-path", prefix, "--gpt-tokenizer", gpt, "--embedder", bert,
             "--chunk-length", "16", "--block-size", "4", "--no-progress",

@@ -13,10 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from retro_pipeline.cli import cli
-from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.io import atomic_path, write_json
 from retro_pipeline.stage import Block, Option, Resources, Stage, block_ranges, register, unregister
-from retro_pipeline.tokenizers import load_gpt_tokenizer
 
 
 class ToyCountStage(Stage):
@@ -70,14 +68,6 @@ def toy_stage():
     register(ToyCountStage)
     yield ToyCountStage
     unregister(ToyCountStage.name)
-
-
-@pytest.fixture()
-def corpus(tmp_path, gpt_tokenizer_path, corpus_texts):
-    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
-    prefix = str(tmp_path / "c")
-    write_indexed_dataset(prefix, [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:12])], np.uint16)
-    return prefix
 
 
 def invoke(*args):

@@ -69,6 +69,9 @@ class LocalExecutor:
     def __init__(self, num_threads: int | None = None):
         self.num_threads = num_threads
 
+    def connect(self) -> None:
+        """Nothing to start."""
+
     def run(self, stage: Stage, blocks: list[Block], on_result: OnResult) -> None:
         if not blocks:
             return

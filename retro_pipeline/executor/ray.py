@@ -206,6 +206,10 @@ class RayExecutor:
         self.inflight_per_worker = inflight_per_worker
         self.stats: dict[str, int] = defaultdict(int)  # blocks run, retries, lost workers
 
+    def connect(self) -> None:
+        """Join (or start) Ray now: a cluster that does not answer is an error before a stage begins."""
+        ensure_ray(self.address)
+
     def pool_shape(self, stage: Stage, n_blocks: int) -> tuple[int, float, float, int | None, list[str] | None]:
         """(workers, CPUs, GPUs and memory per worker, node of each worker or None)."""
         ray = ensure_ray(self.address)

@@ -215,8 +215,7 @@ class IndexAddStage(EmbeddingStage):
                 index = faiss_index.add_codes_on_disk(index, block_codes(), self.workdir.added_lists_dir(self.index_str),
                                                       scratch)
         else:
-            index = faiss_index.add_codes_all(index, list(block_codes()) if faiss_index.is_fast_scan(index)
-                                              else block_codes())
+            index = faiss_index.add_codes_all(index, block_codes())
         heap.finalize()
         truth = np.where(np.isfinite(heap.D), heap.I, -1)
         given = {key: int(v) for key, v in (("nprobe", self.cfg.nprobe), ("efSearch", self.cfg.ef_search))

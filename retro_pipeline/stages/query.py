@@ -109,11 +109,9 @@ class QueryNeighborsStage(EmbeddingStage):
                              f"{state['encoder'].dim}; rebuild the index with 'retro-pipeline index-build --force'")
         with h5py.File(self.workdir.merged_db_path("train"), "r") as f:
             ds_doc = f["chunks"][:, :2].astype(np.int64)
-        base = self.samples("train").doc_base if self.samples("train").n_samples else None
-        if base is None:
-            from retro_pipeline.arrays import offsets
+        from retro_pipeline.arrays import offsets
 
-            base = offsets([len(d) for d in state["reader"].datasets])
+        base = offsets([len(d) for d in state["reader"].datasets])  # global document number of (ds, 0)
         state["doc_base"] = base
         state["neighbor_doc"] = base[ds_doc[:, 0]] + ds_doc[:, 1]  # global document of each train-DB row
         faiss_index.faiss().omp_set_num_threads(max(1, int(resources.get("num_cpus") or 1)))
