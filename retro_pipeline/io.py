@@ -34,6 +34,20 @@ def read_json(path: str | os.PathLike, default=None):
         return default
 
 
+KILL_AT_ENV = "RETRO_PIPELINE_KILL_AT"
+
+
+def failpoint(name: str) -> None:
+    """Crash-test aid: with ``RETRO_PIPELINE_KILL_AT=<name>`` set, SIGKILL this process here. The kill tests
+    use it where a timed kill cannot land reliably (a one-off job that takes milliseconds on test data);
+    names are ``<stage>:finalize`` (before a stage's finalize), ``<stage>:finalized`` (outputs written, done
+    marker not yet) and ``index-train:trained`` (the index trained, not yet written)."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def sweep_temporaries(*dirs: str | os.PathLike) -> int:
     """Remove stale ``*.tmp-<pid>`` files and directories under ``dirs`` (recursively); return how many."""
     import shutil

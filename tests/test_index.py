@@ -107,6 +107,14 @@ def build(wd, prefix, gpt, model, executor="local", **kw):
     return run_stages(str(wd), STAGES, given(prefix, gpt, model, **kw), RunOptions(executor=executor, progress=False))
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prefix, gpt_tokenizer_path, tiny_bert_dir):
+    """An uninterrupted build (local executor) that the interrupted ones are compared with."""
+    wd = tmp_path_factory.mktemp("ref") / "w"
+    build(wd, prefix, gpt_tokenizer_path, tiny_bert_dir)
+    return wd
+
+
 def index_files(wd):
     root = wd / "index"
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
@@ -231,44 +239,85 @@ def test_bad_index_input_is_one_line(embedded, tmp_path, prefix, gpt_tokenizer_p
     assert not os.path.exists(wd2 / "index")
 
 
-def test_sigkill_during_index_add_then_rerun_with_one_worker_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
-                                                                                 tiny_bert_dir):
-    import signal
+def _stage_cli(wd, stage, workers, **env):
     import subprocess
     import sys
+
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
+    cmd = [sys.executable, "-m", "retro_pipeline.cli", stage, "--workdir", str(wd), "--batch-size", "32",
+           "--device", "cpu", "--no-progress"]
+    cmd += ["--executor", "local"] if workers == 0 else ["--num-workers", str(workers)]
+    return cmd, env
+
+
+def _blocks_done(markers):
+    return len([p for p in markers.glob("*.json") if not p.name.startswith("_")])
+
+
+def test_sigkill_during_index_add_then_rerun_with_one_worker_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
+                                                                                 tiny_bert_dir, reference):
+    import signal
+    import subprocess
     import time
 
-    build(tmp_path / "ref", prefix, gpt_tokenizer_path, tiny_bert_dir)
     wd = tmp_path / "w"
     run_stages(str(wd), STAGES[:3], given(prefix, gpt_tokenizer_path, tiny_bert_dir),
                RunOptions(executor="local", progress=False))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-    def cmd(workers):
-        return [sys.executable, "-m", "retro_pipeline.cli", "index-add", "--workdir", str(wd), "--batch-size", "32",
-                "--device", "cpu", "--num-workers", str(workers), "--no-progress"]
-
     markers = wd / "markers" / "index-add"
-    proc = subprocess.Popen(cmd(2), start_new_session=True, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    cmd, env = _stage_cli(wd, "index-add", 2)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        if markers.exists() and len([p for p in markers.glob("*.json") if not p.name.startswith("_")]) >= 2:
+        if markers.exists() and _blocks_done(markers) >= 2:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "index-add ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_done = len([p for p in markers.glob("*.json") if not p.name.startswith("_")])
+    n_done = _blocks_done(markers)
     total = len(json.loads((markers / "_plan.json").read_text())["blocks"])
     assert 2 <= n_done < total and not (markers / "_done.json").exists()
     assert not any(p.name.endswith(".faissindex") and p.name.startswith("added")
                    for p in (wd / "index").rglob("*"))
 
-    r = subprocess.run(cmd(1), env=env, capture_output=True, text=True, timeout=300)
+    cmd, env = _stage_cli(wd, "index-add", 1)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert index_files(wd) == index_files(tmp_path / "ref")
+    assert index_files(wd) == index_files(reference)
     assert json.loads((markers / "_done.json").read_text())["blocks_run"] == total - n_done
+
+
+@pytest.mark.parametrize("point", ["index-train:trained", "index-add:finalize", "index-add:finalized"])
+def test_sigkill_inside_a_one_off_job_then_rerun_on_ray_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
+                                                                          tiny_bert_dir, reference, ray_session,
+                                                                          point):
+    """Training and the merge take milliseconds here, so the kill lands through a failpoint: a real SIGKILL of
+    the process at that point (the index trained but not written; all code blocks done, merge not started;
+    the merged index written, done marker not)."""
+    import subprocess
+
+    stage = point.split(":")[0]
+    wd = tmp_path / "w"
+    before = STAGES[:STAGES.index(stage)]
+    run_stages(str(wd), before, given(prefix, gpt_tokenizer_path, tiny_bert_dir),
+               RunOptions(executor="local", progress=False))
+    cmd, env = _stage_cli(wd, stage, 0, RETRO_PIPELINE_KILL_AT=point)
+    if stage == "index-train":
+        cmd += ["--index-str", "IVF8,Flat", "--num-queries", "50"]
+    else:
+        run_stages(str(wd), ["index-train"], {}, RunOptions(executor="local", progress=False))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-3000:]  # killed, not a clean exit
+    markers = wd / "markers" / stage
+    total = len(json.loads((markers / "_plan.json").read_text())["blocks"])
+    assert _blocks_done(markers) == total and not (markers / "_done.json").exists()
+    if point == "index-train:trained":
+        assert not list((wd / "index").rglob("empty_*.faissindex"))
+
+    out = run_stages(str(wd), STAGES[STAGES.index(stage):], {"batch_size": 32, "device": "cpu"},
+                     RunOptions(executor="ray", num_workers=2, progress=False))
+    assert out[stage]["blocks_run"] == 0  # no finished block recomputed
+    assert index_files(wd) == index_files(reference)
 
 
 def test_an_index_larger_than_index_memory_keeps_its_lists_on_disk(tmp_path, prefix, gpt_tokenizer_path,
@@ -314,6 +363,10 @@ def test_kept_embeddings_let_another_index_str_skip_embedding(tmp_path, prefix, 
 
     want = np.concatenate([h5py.File(p, "r")["data"][...] for p in kept]).astype(np.float32)
     assert np.array_equal(xb, want)  # the Flat index holds exactly the kept vectors, in row order
+    # re-added from the kept embeddings or embedded afresh (as an interrupted run may mix): the same index
+    fresh = tmp_path / "fresh"
+    build(fresh, prefix, gpt_tokenizer_path, tiny_bert_dir, keep_embeddings=True, index_str="Flat")
+    assert index_files(fresh) == index_files(wd)
     # a changed upstream setting makes the kept embeddings stale: they are dropped, never used
     assert invoke("db-build", "--workdir", wd, "--chunk-length", 8, "--force", "--executor", "local",
                   "--no-progress").exit_code == 0

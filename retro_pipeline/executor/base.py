@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retro_pipeline.errors import StageFailed, UserError
-from retro_pipeline.io import read_json, sweep_temporaries, write_json
+from retro_pipeline.io import failpoint, read_json, sweep_temporaries, write_json
 from retro_pipeline.stage import Block, Stage
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,10 @@ class LocalExecutor:
 
 
 def finalize(stage: Stage, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
-    return stage.finalize(blocks, results) or {}
+    failpoint(f"{stage.name}:finalize")
+    out = stage.finalize(blocks, results) or {}
+    failpoint(f"{stage.name}:finalized")
+    return out
 
 
 def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:

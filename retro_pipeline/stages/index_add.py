@@ -64,8 +64,8 @@ class IndexAddStage(EmbeddingStage):
                normalize=auto_or_positive("--nprobe")),
         Option("ef_search", str, "auto", "HNSW efSearch, or auto (tuned).", normalize=auto_or_positive("--ef-search")),
         Option("keep_embeddings", bool, False, "Also keep float16 embeddings of every train chunk (embed/train/), so "
-               "that a later --index-str change (with --force) re-adds them without embedding again.",
-               changes_output=False),
+               "that a later --index-str change (with --force) re-adds them without embedding again. The index "
+               "is then built from those float16 values, whether a block was just embedded or read back."),
         *EMBED_OPTIONS,
     )
 
@@ -138,7 +138,7 @@ class IndexAddStage(EmbeddingStage):
                              f"'retro-pipeline index-build --force' or use the embedder it was trained for")
         faiss_index.faiss().omp_set_num_threads(max(1, int(resources.get("num_cpus") or 1)))
         state.update(index=index, sampled_rows=reader.sampled_train_rows(), queries=reader.queries()[1],
-                     kept=self.kept_valid())
+                     kept=bool(self.cfg.keep_embeddings) and self.kept_valid())
         return state
 
     def process(self, block: Block, state) -> dict[str, Any]:
@@ -163,10 +163,12 @@ class IndexAddStage(EmbeddingStage):
             fresh = np.setdiff1d(np.arange(e - s), reused, assume_unique=True)
             emb[fresh] = self.embed_rows(rows[fresh], state)
             n_fresh, n_reused, n_kept = len(fresh), int(hi - lo), 0
-            if state["kept"]:
+            if state["kept"]:  # encode what is kept, so a block read back later gives the same codes
+                emb16 = emb.astype(np.float16)
                 with atomic_path(kept) as tmp:
                     with h5_open_write(tmp) as h:
-                        h5_create(h, "data", data=emb.astype(np.float16))
+                        h5_create(h, "data", data=emb16)
+                emb = emb16.astype(np.float32)
         codes = state["index"].sa_encode(emb)
         k = min(self.k, e - s)
         metric = state["index"].metric_type

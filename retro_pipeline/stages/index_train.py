@@ -18,7 +18,7 @@ import numpy as np
 
 from retro_pipeline import faiss_index
 from retro_pipeline.errors import RetroError
-from retro_pipeline.io import atomic_path, h5_create, h5_open_write, read_json, write_json
+from retro_pipeline.io import atomic_path, failpoint, h5_create, h5_open_write, read_json, write_json
 from retro_pipeline.stage import Block, Option, Resources
 from retro_pipeline.stages.embed import EMBED_OPTIONS, EmbeddingStage
 
@@ -121,6 +121,7 @@ class IndexTrainStage(EmbeddingStage):
         t0 = time.perf_counter()
         index = faiss_index.train(info["index_str"], x, log)
         seconds = time.perf_counter() - t0
+        failpoint("index-train:trained")
         faiss_index.write_index(index, self.workdir.empty_index_path(info["index_str"]))
         return {"index_str": info["index_str"], "n_train_vectors": int(len(x)), "dim": info["dim"],
                 "train_seconds": round(seconds, 3), "threads": faiss_index.threads()}
