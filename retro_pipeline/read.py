@@ -1,4 +1,4 @@
-"""The read side of a workdir: merged chunk DBs, chunk texts, embeddings and the index (later neighbors).
+"""The read side of a workdir: merged chunk DBs, chunk texts, embeddings, the index, samples and neighbors.
 
 Stages, the CLI's summaries and tests read a finished workdir only through here; it becomes the body of
 ``retro.init(workdir)``. Everything opens lazily and reads in bulk.
@@ -179,28 +179,57 @@ class WorkdirReader:
         faiss_index.set_search_params(index, self.search_params()["params"])
         return index
 
+    def db_infos(self) -> list[dict]:
+        """``db/indexed_dataset_infos.json``: per corpus its ratio, prefix, document and chunk counts."""
+        from retro_pipeline.io import read_json
+
+        infos = read_json(self.workdir.infos_path)
+        if infos is None:
+            raise RetroError(f"{self.workdir.infos_path}: missing; run 'retro-pipeline db-build --workdir "
+                             f"{self.workdir.root}' first")
+        return infos
+
     def samples(self, split: str):
         """The pretraining samples of ``split`` that query-neighbors used."""
         from retro_pipeline.samples import SampleSet
 
+        self._check_split(split)
         n = self.config.train_samples if split == "train" else self.config.eval_samples
         return SampleSet(self.workdir, self.config, split, n)
+
+    def neighbor_files(self, split: str) -> list[tuple[int, int, Path]]:
+        """(first chunk, end chunk, path) of each neighbor block of ``split``, in chunk order; an error unless
+        query-neighbors has finished and the split has samples."""
+        self._check_split(split)
+        root = self.workdir.root
+        if self.workdir.stage_status("query-neighbors")["state"] != "done":
+            raise RetroError(f"{root}: no neighbors yet (query-neighbors has not finished); run 'retro-pipeline "
+                             f"query-neighbors --workdir {root}' first")
+        dirs = self.workdir.stored().get("retro_neighbor_dirs") or {}
+        if split not in dirs:
+            raise RetroError(f"{root}: the {split} split has no samples, so no neighbors; ask for some with "
+                             f"--{'train' if split == 'train' else 'eval'}-samples and rerun query-neighbors")
+        out = []
+        for p in (root / "query" / dirs[split]).glob("*.hdf5"):
+            s, _, e = p.stem.partition("-")
+            out.append((int(s), int(e), p))
+        return sorted(out)
 
     def neighbors(self, split: str) -> np.ndarray:
         """Saved neighbor rows of every chunk of ``split``'s samples: int64 [n_chunks, num_neighbors_save]."""
         import h5py
 
-        dirs = self.workdir.stored().get("retro_neighbor_dirs") or {}
-        if split not in dirs:
-            raise RetroError(f"{self.workdir.config_path}: no neighbors of split {split!r}; run 'retro-pipeline "
-                             f"query-neighbors --workdir {self.workdir.root}' first")
-        files = sorted((self.workdir.root / "query" / dirs[split]).glob("*.hdf5"),
-                       key=lambda p: int(p.name.split("-")[0]))
         parts = []
-        for p in files:
+        for _, _, p in self.neighbor_files(split):
             with h5py.File(p, "r") as f:
                 parts.append(f["neighbors"][...])
         return np.concatenate(parts) if parts else np.zeros((0, self.config.num_neighbors_save), np.int64)
+
+    def _check_split(self, split: str) -> None:
+        from retro_pipeline.samples import SPLITS
+
+        if split not in SPLITS:
+            raise RetroError(f"{self.workdir.root}: unknown split {split!r}; use one of {', '.join(SPLITS)}")
 
     def _db_path(self, db: str):
         path = self.workdir.merged_db_path(db)
