@@ -120,11 +120,11 @@ class RetroCLI(click.Group):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
-            return _stop("interrupted; run the same command again to resume", 130, standalone_mode)
+            return _stop("interrupted; run the same command again (a build resumes where it stopped)", 130, standalone_mode)
         except _Terminated:
-            return _stop("terminated (SIGTERM); run the same command again to resume", 143, standalone_mode)
+            return _stop("terminated (SIGTERM); run the same command again (a build resumes where it stopped)", 143, standalone_mode)
         except KeyboardInterrupt:
-            return _stop("interrupted; run the same command again to resume", 130, standalone_mode)
+            return _stop("interrupted; run the same command again (a build resumes where it stopped)", 130, standalone_mode)
         except click.ClickException as e:
             cmd = " ".join(a for a in (prog_name or "retro-pipeline", *(sys.argv[1:2] if args is None else args[:1])))
             return _stop(f"{e.format_message()} (see '{cmd} --help')", e.exit_code, standalone_mode)
@@ -255,6 +255,10 @@ def main():
 
 
 from retro_pipeline import cli_tools  # noqa: E402,F401  (registers train-tokenizer and preprocess)
+from retro_pipeline import cli_inspect  # noqa: E402,F401  (registers inspect)
+from retro_pipeline import cli_verify  # noqa: E402,F401  (registers verify)
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m retro_pipeline.cli: run the imported module, which the others register on
+    from retro_pipeline.cli import main as _main
+
+    _main()

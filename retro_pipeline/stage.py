@@ -210,6 +210,11 @@ class Stage:
         """Write the block's files atomically and return its counts (JSON-serialisable)."""
         raise NotImplementedError
 
+    def run_record(self, state: Any) -> dict[str, Any]:
+        """How a worker made its blocks beyond the stored config, as run options (``--batch-size``, ...) that
+        change outputs only at float precision: recorded in each block's marker, for ``verify``."""
+        return {}
+
     def finalize(self, blocks: list[Block], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Combine the finished blocks once, as a one-off job on a worker with this stage's resources;
         ``results`` maps block name → its marker. Return a summary (JSON-serialisable)."""

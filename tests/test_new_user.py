@@ -194,7 +194,7 @@ def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, gpt_tokenizer_path,
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    one_line_error(err, "SIGTERM", "again to resume")
+    one_line_error(err, "SIGTERM", "resumes where it stopped")
     r, _ = cli_run(["db-build", "--workdir", str(wd), "--no-progress", "--executor", "local"])
     assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
 

@@ -34,8 +34,9 @@ def run_block(stage: Stage, block: Block, state: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     counts = stage.process(block, state) or {}
     sizes = {p: os.path.getsize(p) for p in block.paths}
-    return {"block": block.name, "paths": list(block.paths), "bytes": sizes,
-            "counts": counts, "seconds": round(time.perf_counter() - t0, 3), "host": os.uname().nodename}
+    return {"block": block.name, "paths": list(block.paths), "bytes": sizes, "counts": counts,
+            "run": stage.run_record(state), "seconds": round(time.perf_counter() - t0, 3),
+            "host": os.uname().nodename}
 
 
 def block_is_done(marker: Path, block: Block) -> dict | None:

@@ -84,6 +84,11 @@ class EmbeddingStage(Stage):
     def embed_rows(self, rows: np.ndarray, state) -> np.ndarray:
         return embed_rows(self.cfg, rows, state)
 
+    def run_record(self, state) -> dict[str, Any]:
+        enc = state["encoder"]
+        return {"device": enc.device.type, "dtype": str(enc.compute_dtype).removeprefix("torch."),
+                "batch_size": int(self.cfg.batch_size)}
+
 
 class EmbedSampledStage(EmbeddingStage):
     """Embed the index-training sample (db/merged/sampled.hdf5) into embed/sampled/ blocks.

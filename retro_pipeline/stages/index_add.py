@@ -163,11 +163,12 @@ class IndexAddStage(EmbeddingStage):
             fresh = np.setdiff1d(np.arange(e - s), reused, assume_unique=True)
             emb[fresh] = self.embed_rows(rows[fresh], state)
             n_fresh, n_reused, n_kept = len(fresh), int(hi - lo), 0
-            if state["kept"]:  # encode what is kept, so a block read back later gives the same codes
+            if self.cfg.keep_embeddings:  # encode what is kept, so a block read back later gives the same codes
                 emb16 = emb.astype(np.float16)
-                with atomic_path(kept) as tmp:
-                    with h5_open_write(tmp) as h:
-                        h5_create(h, "data", data=emb16)
+                if state["kept"]:
+                    with atomic_path(kept) as tmp:
+                        with h5_open_write(tmp) as h:
+                            h5_create(h, "data", data=emb16)
                 emb = emb16.astype(np.float32)
         codes = state["index"].sa_encode(emb)
         k = min(self.k, e - s)

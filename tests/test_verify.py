@@ -1,0 +1,121 @@
+"""`retro-pipeline verify`: recomputing every block of a five-stage build gives identical bytes; one flipped byte
+in one block file is named, alone (exit 1); bad input is one error line (exit 2); the scratch directory never
+stays behind (also on Ctrl-C) and nothing else in the workdir is written."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from retro_pipeline.cli import cli
+from retro_pipeline.config import RunOptions
+from retro_pipeline.corpus import write_indexed_dataset
+from retro_pipeline.pipeline import run_stages
+from retro_pipeline.tokenizers import load_gpt_tokenizer
+from retro_pipeline.verify import pick, verify
+
+pytest.importorskip("faiss")
+STAGES = ["db-build", "embed-sampled", "index-train", "index-add", "query-neighbors"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, gpt_tokenizer_path, tiny_bert_dir, corpus_texts):
+    """A finished build of 400 short documents: 13, 4, 1, 4 and 5 blocks; kept embeddings on."""
+    tmp = tmp_path_factory.mktemp("verify")
+    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
+    stream, rng = np.concatenate(gpt.encode_batch(corpus_texts[:40])), np.random.default_rng(0)
+    cuts = np.cumsum(rng.choice([3, 9, 20, 40, 90], size=400))
+    docs = [np.append(d, gpt.eod_id) for d in np.split(stream, cuts[cuts < len(stream)])[:400]]
+    write_indexed_dataset(str(tmp / "c"), docs, np.uint16)
+    given = {"data_path": ["1", str(tmp / "c")], "gpt_tokenizer": gpt_tokenizer_path, "embedder": tiny_bert_dir,
+             "chunk_length": 16, "seq_length": 64, "split": "80,10,10", "index_str": "Flat", "batch_size": 32,
+             "device": "cpu", "num_neighbors_save": 5, "num_queries": 20, "keep_embeddings": True}
+    run_stages(str(tmp / "w"), STAGES, given, RunOptions(executor="local", progress=False))
+    return tmp / "w"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["verify", *map(str, args)])
+
+
+def files(wd):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in wd.rglob("*") if p.is_file()}
+
+
+def n_blocks(wd, stage):
+    return len(json.loads((wd / "markers" / stage / "_plan.json").read_text())["blocks"])
+
+
+def test_every_block_recomputes_identically_and_one_flipped_byte_is_named_alone(built):
+    before = files(built)
+    # built with --batch-size 32: verify embeds as its markers record (the default 128 gives other float bits)
+    r = invoke("--workdir", built, "--fraction", 1, "--no-progress")
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert r.stdout.splitlines() == [f"{s}: {n_blocks(built, s)} of {n_blocks(built, s)} blocks recomputed, all "
+                                     f"identical" for s in STAGES]
+    assert [n_blocks(built, s) for s in STAGES] == [13, 4, 1, 4, 5]
+    assert files(built) == before  # nothing written, the scratch directory gone
+
+    victim = sorted((built / "query").rglob("*.hdf5"))[1]
+    original = victim.read_bytes()
+    with h5py.File(victim, "r") as f:
+        at = f["neighbors"].id.get_offset() + 8 * 7  # a byte of the 8th neighbor id: data, not metadata
+    try:
+        victim.write_bytes(original[:at] + bytes([original[at] ^ 1]) + original[at + 1:])
+        with h5py.File(victim, "r") as f:
+            assert f["neighbors"].shape[1] == 5  # still opens
+        r = invoke("--workdir", built, "--fraction", 1, "--batch-size", 32, "--no-progress")
+        assert r.exit_code == 1, (r.output, r.exception)
+        assert [ln for ln in r.stdout.splitlines() if "DIFFERS" in ln] == [f"  DIFFERS: {victim}"]
+        assert "query-neighbors: 5 of 5 blocks recomputed, 1 file differs" in r.stdout
+        assert r.stdout.count("all identical") == 4
+        assert not list(built.glob(".verify-*"))
+    finally:
+        victim.write_bytes(original)
+
+
+def test_a_seeded_share_of_at_least_one_block_and_no_scratch_left_on_ctrl_c(built, monkeypatch):
+    assert pick(40, 0.05, 0, "db-build") == pick(40, 0.05, 0, "db-build") != pick(40, 0.05, 1, "db-build")
+    assert len(pick(40, 0.05, 0, "db-build")) == 2 and pick(0, 0.5, 0, "x") == [] and pick(40, 1, 3, "x") == \
+        list(range(40))
+    r = invoke("--workdir", built, "--fraction", 0.001, "--seed", 7, "--batch-size", 32, "--no-progress")
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert [ln.split(" blocks")[0] for ln in r.stdout.splitlines()] == \
+        [f"{s}: 1 of {n_blocks(built, s)}" for s in STAGES]
+
+    from retro_pipeline.stages.index_add import IndexAddStage
+
+    def interrupted(self, block, state):
+        assert list(built.glob(".verify-*"))  # the scratch directory exists while blocks are recomputed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IndexAddStage, "process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        verify(built, fraction=0.5, given={"batch_size": 32})
+    assert not list(built.glob(".verify-*"))
+
+
+@pytest.mark.parametrize("workdir, args, words", [
+    ("empty", ["--fraction", "0"], ["--fraction 0:", "above 0 and at most 1"]),
+    ("empty", ["--fraction", "1.5"], ["--fraction 1.5:"]),
+    ("empty", ["--fraction", "nan"], ["--fraction nan:"]),
+    ("missing", [], ["no such workdir"]),
+    ("empty", [], ["not a retro-pipeline workdir"]),
+    ("nothing done", [], ["no stage is done yet"]),
+])
+def test_bad_input_is_one_error_line(tmp_path, workdir, args, words):
+    wd = tmp_path / "w"
+    if workdir != "missing":
+        wd.mkdir()
+    if workdir == "nothing done":
+        (wd / "config.json").write_text("{}")
+    r = invoke("--workdir", wd, *args)
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not list(tmp_path.rglob(".verify-*"))
