@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,11 @@ def job_cluster():
     `ray start` record is left alone), stopped by killing its process group (`--block`)."""
     ports = {name: free_port() for name in PORTS}
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
     env["PATH"] = os.path.dirname(script("ray")) + os.pathsep + env.get("PATH", "")  # the job's `python`
+    # token authentication on, with a token of its own (whatever ~/.ray/auth_token holds, or not): the head and
+    # its workers check it, the job's driver inherits it, `ray job submit` sends it (RAY_AUTH_MODE=token)
+    env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"] = "token", uuid.uuid4().hex
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # Ray 2.60 drains 30 s on SIGTERM by default
     cmd = [script("ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
            "--object-store-memory", str(200 << 20), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
@@ -60,8 +64,9 @@ def job_cluster():
         while True:
             try:
                 urllib.request.urlopen(url + "/api/version", timeout=2).read()
-                break
-            except urllib.error.HTTPError:  # answering (401 without a token): up
+                pytest.fail("the job server answered a request without the token")
+            except urllib.error.HTTPError as e:  # answering, and refusing a request without the token: up
+                assert e.code == 401, e
                 break
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
@@ -88,9 +93,12 @@ def test_ray_job_submit_builds_what_a_local_build_does(tmp_path, job_cluster, gp
              "--gpt-tokenizer", gpt_tokenizer_path, "--embedder", tiny_bert_dir, "--no-progress"]
     for k, v in OPTIONS.items():
         build += [f"--{k.replace('_', '-')}", str(v)]
-    # the repository root as the working dir (.gitignore keeps .venv out of the upload); Ray >= 2.59's cluster
-    # checks a token that `ray job submit` sends only with RAY_AUTH_MODE=token
-    env = {**env, "RAY_AUTH_MODE": "token"}
+    # without RAY_AUTH_MODE=token `ray job submit` sends no token, even one it has: refused at once
+    bare = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    r = subprocess.run([script("ray"), "job", "submit", "--address", url, "--", "true"], env=bare, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Missing authentication token" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    # the repository root as the working dir (.gitignore keeps .venv out of the upload)
     job_id = f"retro-build-{os.getpid()}-{time.time_ns()}"
     submit = [script("ray"), "job", "submit", "--address", url, "--submission-id", job_id, "--working-dir", str(REPO),
               "--", *build]
