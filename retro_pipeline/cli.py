@@ -255,6 +255,7 @@ def main():
 
 
 from retro_pipeline import cli_tools  # noqa: E402,F401  (registers train-tokenizer and preprocess)
+from retro_pipeline import cli_train  # noqa: E402,F401  (registers train, evaluate, mine-negatives)
 from retro_pipeline import cli_inspect  # noqa: E402,F401  (registers inspect)
 from retro_pipeline import cli_verify  # noqa: E402,F401  (registers verify)
 

@@ -97,3 +97,20 @@ def corpus(tmp_path, gpt_tokenizer_path, corpus_texts):
     prefix = str(tmp_path / "c")
     write_indexed_dataset(prefix, [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:12])], np.uint16)
     return prefix
+
+
+@pytest.fixture(scope="session")
+def cls_bert_dir(tmp_path_factory, tiny_bert_dir) -> str:
+    """``tiny_bert_dir`` whose tokenizer adds [CLS] ... [SEP] (the conftest tokenizer has no post-processor;
+    RetroMAE reads its sentence embedding at the [CLS])."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    d = tmp_path_factory.mktemp("cls_bert") / "m"
+    shutil.copytree(tiny_bert_dir, d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
+                                                   ("[CLS]", tok.token_to_id("[CLS]")))
+    tok.save(str(d / "tokenizer.json"))
+    return str(d)

@@ -1,0 +1,88 @@
+"""What every training task is to the one training loop (:mod:`embedder.trainer`).
+
+A task owns its model parts (the encoder being trained plus any heads or decoders), how its JSONL rows are
+checked and batched, and its loss; the trainer owns everything else (optimizer, schedule, accumulation,
+autocast, clipping, checkpoints and resume, data-parallel workers, progress). Tasks are registered by name in
+:data:`embedder.tasks.TASKS`.
+
+Determinism contract (what makes ``--resume`` exact and two workers equal one): a task draws randomness
+(masking, decoder attention masks) only from the ``numpy.random.Generator`` the trainer passes to
+:meth:`Task.collate`, which the trainer seeds from (seed, step, micro-batch); never from global RNG state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+
+@dataclass
+class TaskOptions:
+    """Options a task may read; the trainer fills them from the command line. Unknown task-specific ones go
+    in ``extra``."""
+
+    model: str | None = None                  # encoder to start from: a directory or hub id (None: packaged MiniLM)
+    model_config: str | None = None           # mlm: a config.json (or directory) to build a random-init encoder from
+    tokenizer: str | None = None              # mlm: tokenizer directory / tokenizer.json (train-tokenizer output)
+    document_model: str | None = None         # custom: the separate document encoder
+    pooling: str | None = None                # the saved encoder's pooling (None: the model's own, else mean)
+    max_length: int = 128                     # tokens per text
+    mask_ratio: float = 0.3                   # retromae / retroar encoder masking
+    decoder_mask_ratio: float = 0.5           # retromae enhanced decoding: share of positions hidden per row
+    mlm_probability: float = 0.15             # mlm
+    temperature: float = 0.02                 # contrastive
+    learnable_temperature: bool = False
+    loss: str = "infonce"                     # contrastive: infonce | margin | logistic
+    margin: float = 0.2
+    matryoshka_dims: tuple[int, ...] = ()     # contrastive: also train truncated embeddings of these sizes
+    num_negatives: int | None = None          # contrastive: hard negatives per query used (None: all given)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of a training objective. Subclasses set ``name`` and ``row_kind`` and implement the rest."""
+
+    name: str = ""
+    row_kind: str = "text"   # "text" (pre-training rows: text) or "pairs" (query + positive [+ neg])
+
+    def __init__(self, options: TaskOptions):
+        self.options = options
+
+    # ---- model
+    def build(self, device) -> "Any":
+        """Create (or load) every trained part; return the ``torch.nn.Module`` holding all of them (its
+        ``state_dict`` is what checkpoints store and what data-parallel training wraps)."""
+        raise NotImplementedError
+
+    # ---- data
+    def check_row(self, row: dict, where: str) -> dict:
+        """Validate one parsed JSONL row (``where`` = "file:line" for errors) and return what the task
+        keeps of it. Raise :class:`embedder.errors.UserError` naming ``where`` for a bad row."""
+        raise NotImplementedError
+
+    def batch_groups(self, rows: list[dict]) -> list[Any] | None:
+        """A key per row that one batch must not hold twice (e.g. the positive document), or None."""
+        return None
+
+    def collate(self, rows: list[dict], rng: np.random.Generator) -> dict[str, Any]:
+        """Tokenize and mask a micro-batch into tensors (on CPU), drawing randomness only from ``rng``."""
+        raise NotImplementedError
+
+    # ---- objective
+    def loss(self, module, batch: dict[str, Any], gather=None) -> tuple[Any, dict[str, float]]:
+        """(scalar loss, metrics) of a micro-batch on ``module`` (what :meth:`build` returned, possibly
+        wrapped in DistributedDataParallel: use ``getattr(module, "module", module)`` for attributes).
+        ``gather`` (None on one worker) all-gathers a tensor across workers with gradients flowing to the
+        local part, for losses that use other workers' negatives."""
+        raise NotImplementedError
+
+    # ---- result
+    def save(self, module, output_dir: str) -> None:
+        """Save the trained encoder (only the encoder) so that ``embedder.Encoder.load(output_dir)`` and
+        sentence-transformers load it."""
+        raise NotImplementedError
+
+    def trainable(self, module) -> Iterable:
+        return [p for p in module.parameters() if p.requires_grad]

@@ -1,0 +1,242 @@
+"""Contrastive fine-tuning of the encoder on (query, positive[, hard negatives]) pair rows.
+
+Rows: see :mod:`embedder.data` (``query`` + ``pos``/``document``/``doc``/``passage`` [+ ``neg``]). A batch
+never holds two rows with the same positive (:meth:`ContrastiveTask.batch_groups` for the trainer's
+:class:`embedder.data.NoDuplicateBatchSampler`), and the loss masks out every candidate that is a copy of one
+of a query's positives (its own extra positives, positives of rows with the same query text, a hard negative
+that is another row's positive, and the same across workers), so in-batch negatives are never false ones.
+
+Hard negatives per batch: each row uses up to ``num_negatives`` of its own (all when None); a row with more
+draws that many from the rng the trainer passes (kept in their given order), so epochs see different ones.
+Rows do **not** need the same count: the batch's negatives are tokenized once as a flat list (a text shared by
+rows, or equal to one of the batch's positives, appears once), and ``neg_index`` [B, K] (K = the largest
+count, -1 padding) says which are whose. InfoNCE uses every negative of the batch for every query; the
+pairwise losses use each row's own (in-batch documents for a row without any). Nothing is cycled or cut.
+
+Loss (``options.loss``): ``infonce`` (temperature ``options.temperature``, learnable with
+``options.learnable_temperature``), ``margin`` (``options.margin``) or ``logistic`` (temperature as for
+InfoNCE), on L2-normalised embeddings; with ``options.matryoshka_dims`` the mean of the loss at the full
+dimension and at each listed truncation. Texts are tokenized to ``options.max_length`` tokens, capped at the
+encoder's own max_length. The saved encoder is the trained transformer with the pooling it was loaded with
+(``options.pooling`` overrides) and the model's own normalize and max_length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedder.data import doc_key, pair_row
+from embedder.errors import UserError
+from embedder.losses import Temperature, info_nce, margin_loss, matryoshka, pairwise_logistic
+from embedder.tasks.base import Task, TaskOptions
+
+LOSSES = ("infonce", "margin", "logistic")
+_PARTS = ("q", "d", "n")
+
+
+def text_key(text: str) -> int:
+    """A non-negative int64 key of a document (its :func:`embedder.data.doc_key`), for masking in the loss."""
+    digest = hashlib.blake2b(doc_key(text).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _pad(enc, part: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token lists to the longest, as :meth:`embedder.Encoder.encode_ids` does (padding is
+    unattended and marked special)."""
+    ids, special = enc["input_ids"], enc["special_tokens_mask"]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    special_mask = torch.ones((len(ids), width), dtype=torch.long)
+    for i, (x, s) in enumerate(zip(ids, special)):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+        special_mask[i, :len(x)] = torch.tensor(s, dtype=torch.long)
+    return {f"{part}_input_ids": input_ids, f"{part}_attention_mask": mask, f"{part}_special_tokens_mask": special_mask}
+
+
+class ContrastiveModel(torch.nn.Module):
+    """The trained parts: the encoder and, when learnable, the temperature. ``forward`` embeds a batch's
+    queries, positives and hard negatives in one call (so data-parallel wrappers see one forward)."""
+
+    def __init__(self, encoder, temperature: float, learnable: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.temperature = Temperature(temperature, min_value=min(1e-3, temperature)) if learnable else None
+        self.register_buffer("fixed_temperature", torch.tensor(float(temperature)), persistent=False)
+
+    def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = []
+        for part in _PARTS:
+            ids = batch.get(f"{part}_input_ids")
+            if ids is None or ids.shape[0] == 0:
+                out.append(out[0].new_zeros((0, out[0].shape[1])))
+                continue
+            emb = self.encoder(ids, batch[f"{part}_attention_mask"], batch.get(f"{part}_special_tokens_mask"))
+            out.append(F.normalize(emb.float(), p=2, dim=-1))
+        t = self.temperature() if self.temperature is not None else self.fixed_temperature
+        return out[0], out[1], out[2], t
+
+
+class ContrastiveTask(Task):
+    name = "contrastive"
+    row_kind = "pairs"
+
+    def __init__(self, options: TaskOptions):
+        super().__init__(options)
+        o = options
+        if o.loss not in LOSSES:
+            raise UserError(f"unknown contrastive loss {o.loss!r}; use one of {', '.join(LOSSES)}")
+        if not o.temperature > 0:
+            raise UserError(f"temperature={o.temperature!r} must be positive")
+        if o.learnable_temperature and o.temperature > 1.0:
+            raise UserError(f"a learnable temperature starts at most at 1.0, not {o.temperature}")
+        if o.num_negatives is not None and (not isinstance(o.num_negatives, int) or o.num_negatives < 0):
+            raise UserError(f"num_negatives={o.num_negatives!r} must be a non-negative integer (or unset: all)")
+        if any(not isinstance(m, int) or m < 1 for m in o.matryoshka_dims):
+            raise UserError(f"matryoshka dims {list(o.matryoshka_dims)} must be positive integers")
+        if not isinstance(o.max_length, int) or o.max_length < 2:
+            raise UserError(f"max_length={o.max_length!r} must be an integer of at least 2")
+        self._tokenizer = None
+        self._limit: int | None = None
+        self._dim: int | None = None
+
+    # ------------------------------------------------------------------ model
+
+    def build(self, device) -> ContrastiveModel:
+        from embedder.encoder import Encoder
+
+        encoder = Encoder.load(self.options.model, pooling=self.options.pooling, device=device)
+        bad = [m for m in self.options.matryoshka_dims if m > encoder.dim]
+        if bad:
+            raise UserError(f"matryoshka dims {bad} exceed the encoder's dimension {encoder.dim}")
+        self._tokenizer, self._limit, self._dim = encoder.tokenizer, encoder.max_length, encoder.dim
+        module = ContrastiveModel(encoder, self.options.temperature, self.options.learnable_temperature)
+        return module.to(device).train()
+
+    # ------------------------------------------------------------------ data
+
+    def check_row(self, row: dict, where: str) -> dict:
+        return pair_row(row, where)
+
+    def batch_groups(self, rows: list[dict]) -> list[Any]:
+        return [doc_key(r["pos"]) for r in rows]
+
+    def _tokenizer_and_limit(self):
+        """The encoder's tokenizer and max_length; loaded without the weights when :meth:`build` has not run
+        in this process (e.g. a data-loading worker)."""
+        if self._tokenizer is None:
+            from transformers import AutoConfig, AutoTokenizer
+
+            from embedder.encoder import _read_settings
+            from embedder.settings import resolve_model
+
+            name = resolve_model(self.options.model, "embedder")
+            self._tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
+            limit = _read_settings(name).get("max_length")
+            if limit is None:
+                positions = getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
+                limit = min(x for x in (self._tokenizer.model_max_length, positions, 512) if x is not None)
+            self._limit = int(limit)
+        return self._tokenizer, min(self.options.max_length, self._limit)
+
+    def collate(self, rows: list[dict], rng: np.random.Generator) -> dict[str, Any]:
+        """Tensors of a micro-batch: ``{q,d,n}_{input_ids,attention_mask,special_tokens_mask}`` (queries,
+        positives, the flat list of hard negatives; the ``n_`` ones absent when there are none),
+        ``neg_index`` [B, K] (into [positives; negatives], -1 padding), ``pos_keys`` [B, P], ``doc_keys``
+        [B], ``neg_keys`` [M] (see :mod:`embedder.losses`)."""
+        tokenizer, limit = self._tokenizer_and_limit()
+        B = len(rows)
+        # every positive of every row with the same query text is a positive of each of them
+        by_query: dict[str, list[int]] = {}
+        for r in rows:
+            keys = by_query.setdefault(r["query"], [])
+            keys.extend(k for k in (text_key(p) for p in r["positives"]) if k not in keys)
+        doc_keys = [text_key(r["pos"]) for r in rows]
+        column = {k: j for j, k in enumerate(doc_keys)}   # a negative equal to a batch positive is that column
+        neg_texts: list[str] = []
+        neg_keys: list[int] = []
+        flat_of: dict[int, int] = {}
+        per_row: list[list[int]] = []
+        cap = self.options.num_negatives
+        for r in rows:
+            negs = r["neg"]
+            if cap is not None and len(negs) > cap:
+                negs = [negs[i] for i in np.sort(rng.choice(len(negs), size=cap, replace=False))]
+            idx = []
+            for text in negs:
+                k = text_key(text)
+                if k in column:
+                    idx.append(column[k])
+                else:
+                    if k not in flat_of:
+                        flat_of[k] = len(neg_texts)
+                        neg_texts.append(text)
+                        neg_keys.append(k)
+                    idx.append(B + flat_of[k])
+            per_row.append(idx)
+        K = max((len(i) for i in per_row), default=0)
+        neg_index = torch.full((B, K), -1, dtype=torch.long)
+        for i, idx in enumerate(per_row):
+            neg_index[i, :len(idx)] = torch.tensor(idx, dtype=torch.long)
+        P = max(len(v) for v in by_query.values())
+        pos_keys = torch.full((B, P), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            keys = by_query[r["query"]]
+            pos_keys[i, :len(keys)] = torch.tensor(keys, dtype=torch.long)
+        batch: dict[str, Any] = {"neg_index": neg_index, "pos_keys": pos_keys,
+                                 "doc_keys": torch.tensor(doc_keys, dtype=torch.long),
+                                 "neg_keys": torch.tensor(neg_keys, dtype=torch.long)}
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0   # as Encoder does
+        for part, texts in (("q", [r["query"] for r in rows]), ("d", [r["pos"] for r in rows]), ("n", neg_texts)):
+            if texts:
+                batch.update(_pad(tokenizer(texts, truncation=True, max_length=limit, padding=False,
+                                            return_attention_mask=False, return_token_type_ids=False,
+                                            return_special_tokens_mask=True), part, pad_id))
+        return batch
+
+    # ------------------------------------------------------------------ objective
+
+    def loss(self, module, batch: dict[str, Any], gather=None) -> tuple[torch.Tensor, dict[str, float]]:
+        inner = getattr(module, "module", module)
+        device = inner.encoder.device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        inputs = {k: v for k, v in batch.items() if k.split("_", 1)[0] in _PARTS}
+        q, d, n, t = module(**inputs)
+        keys = {"gather": gather, "pos_keys": batch["pos_keys"], "doc_keys": batch["doc_keys"],
+                "neg_keys": batch["neg_keys"]}
+        o = self.options
+        if o.loss == "infonce":
+            fn = partial(info_nce, temperature=t, **keys)
+        elif o.loss == "margin":
+            fn = partial(margin_loss, margin=o.margin, neg_index=batch["neg_index"], **keys)
+        else:
+            fn = partial(pairwise_logistic, temperature=t, neg_index=batch["neg_index"], **keys)
+        dims = sorted(set(o.matryoshka_dims) | {q.shape[1]})
+        hard = n if n.shape[0] else None
+        # scores in float32 even under the trainer's autocast (cosines / 0.02 lose too much in fp16)
+        with torch.autocast(device.type, enabled=False):
+            q, d, t = q.float(), d.float(), t.float()
+            hard = hard.float() if hard is not None else None
+            loss = matryoshka(fn, q, d, dims, hard_negatives=hard) if len(dims) > 1 else \
+                fn(q, d, hard_negatives=hard)
+        with torch.no_grad():  # local in-batch accuracy: the positive outscores every local candidate
+            cand = torch.cat([d, n]) if n.shape[0] else d
+            accuracy = float((torch.argmax(q @ cand.T, dim=1) == torch.arange(q.shape[0], device=q.device))
+                             .float().mean())
+        return loss, {"loss": float(loss.detach()), "temperature": float(t.detach()), "accuracy": accuracy}
+
+    # ------------------------------------------------------------------ result
+
+    def save(self, module, output_dir: str) -> None:
+        inner = getattr(module, "module", module)
+        inner.encoder.save(output_dir)
+
+
+TASK = ContrastiveTask

@@ -1,0 +1,232 @@
+"""Encoder training commands: ``train`` (one loop for every task of :mod:`embedder.tasks`), ``evaluate`` and
+``mine-negatives`` (thin layers over :mod:`embedder.evaluate`).
+
+Registered by one import line at the bottom of :mod:`retro_pipeline.cli`.
+Nothing here imports torch or ray until a command runs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from embedder.tasks import TASK_MODULES
+from retro_pipeline.cli import cli
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")   # embedder.trainer.PRECISIONS (not imported: keeps --help light)
+
+
+def _dims(ctx, param, value):
+    """'384,256,128' -> (384, 256, 128)."""
+    if value is None or not value.strip():
+        return ()
+    try:
+        dims = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give positive integers separated by commas, e.g. 384,256,128") from None
+    if any(d < 1 for d in dims):
+        raise click.BadParameter(f"{value!r}: every dimension must be a positive integer")
+    return dims
+
+
+@cli.command("train", context_settings={"max_content_width": 110})
+@click.option("--task", required=True, type=click.Choice(list(TASK_MODULES)),
+              help="retromae / retroar: pre-train an encoder on raw text (masked encoder + light decoder; "
+                   "rows {'text': ...}); mlm: masked-language-model pre-training, possibly from a random init "
+                   "(--model-config, --tokenizer); contrastive: fine-tune on query/positive pairs with in-batch "
+                   "(+ hard) negatives (rows {'query', 'pos'[, 'neg']}); custom: a query encoder trained "
+                   "against a separate document encoder (--document-model).")
+@click.option("--model", help="Encoder to start from: a model directory (e.g. an earlier train --output-dir) or a "
+                              "hub id; default the packaged all-MiniLM-L6-v2.")
+@click.option("--train-file", required=True, type=click.Path(dir_okay=False),
+              help="JSONL training rows (optionally .gz), one JSON object per line; a bad row stops the run "
+                   "with one line naming file:line.")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False),
+              help="Where the trained encoder is saved (a model directory: `retro-pipeline build --embedder "
+                   "DIR` takes it), next to checkpoints/, loss_log.jsonl and training_args.json.")
+@click.option("--max-steps", type=click.IntRange(min=1),
+              help="Optimizer steps to train (one step = one global batch). Give this or --epochs; "
+                   "neither: one epoch.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True),
+              help="Passes over the training rows (fractions allowed), instead of --max-steps.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Global batch: rows per optimizer step over all workers and accumulation steps together; "
+                   "must be a multiple of --num-workers x --grad-accum.")
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Micro-batches per optimizer step (each worker's micro-batch is batch-size / (num-workers x "
+                   "grad-accum) rows); same result as one big batch, less memory.")
+@click.option("--lr", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Peak learning rate of AdamW.")
+@click.option("--weight-decay", default=0.01, show_default=True, type=click.FloatRange(min=0),
+              help="AdamW weight decay (on weight matrices; not on biases and norms).")
+@click.option("--warmup-steps", type=click.IntRange(min=0),
+              help="Steps of linear LR warmup from 0, then linear decay to 0 at the last step [default: 0].")
+@click.option("--warmup-ratio", type=click.FloatRange(min=0, max=1, max_open=True),
+              help="Warmup as a share of the total steps, instead of --warmup-steps.")
+@click.option("--max-grad-norm", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Clip the gradient norm to this (0: no clipping).")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
+              help="auto: bf16 autocast on GPUs that have it (else fp16), fp32 on CPU; fp16 (with loss "
+                   "scaling) and bf16 need CUDA.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds the batch order, masking and dropout: the same settings give the same run.")
+@click.option("--save-every", type=click.IntRange(min=1),
+              help="Write a checkpoint every N steps to OUTPUT_DIR/checkpoints/step-N (and at the last step); "
+                   "default: none until the end.")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1),
+              help="Keep only the newest N checkpoints [default: all].")
+@click.option("--resume", help="Continue a run: 'latest' (the newest checkpoint under --output-dir) or a "
+                               "checkpoints/step-N directory. Same settings continue exactly.")
+@click.option("--stop-after", type=click.IntRange(min=1),
+              help="Stop this run at step N with a checkpoint (the LR schedule still spans --max-steps); "
+                   "--resume latest continues it.")
+@click.option("--log-every", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Steps between loss log flushes and TensorBoard points (every step is logged).")
+@click.option("--tensorboard", type=click.Path(file_okay=False),
+              help="Also write TensorBoard scalars (loss, lr, grad norm) into this directory (needs the "
+                   "tensorboard package).")
+@click.option("--num-workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel Ray Train workers (gloo on CPU, NCCL on GPU); each takes its share of every "
+                   "global batch, so the result matches one worker. 1 without --address: no Ray.")
+@click.option("--address", help="Ray cluster address; none starts a local Ray when --num-workers > 1.")
+@click.option("--gpu/--cpu", "use_gpu", default=None,
+              help="Train on GPUs (one per worker) or on CPUs [default: GPUs when there are any].")
+@click.option("--max-length", type=click.IntRange(min=2), help="Tokens per text [default: 128].")
+@click.option("--mask-ratio", type=click.FloatRange(min=0, max=1),
+              help="retromae / retroar: share of encoder tokens masked [default: 0.3].")
+@click.option("--decoder-mask-ratio", type=click.FloatRange(min=0, max=1),
+              help="retromae: share of positions each decoder row hides (enhanced decoding) [default: 0.5].")
+@click.option("--mlm-probability", type=click.FloatRange(min=0, max=1),
+              help="mlm: share of tokens masked [default: 0.15].")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
+              help="contrastive: softmax temperature of the scores [default: 0.02].")
+@click.option("--learnable-temperature", is_flag=True, help="contrastive: learn the temperature, starting at "
+                                                            "--temperature.")
+@click.option("--loss", type=click.Choice(["infonce", "margin", "logistic"]),
+              help="contrastive: infonce (softmax over in-batch + hard negatives), margin (hinge on the score "
+                   "gap) or logistic (pairwise) [default: infonce].")
+@click.option("--margin", type=float, help="contrastive --loss margin: the gap to enforce [default: 0.2].")
+@click.option("--matryoshka-dims", callback=_dims,
+              help="contrastive: also train the first D dimensions as embeddings, e.g. 384,256,128.")
+@click.option("--num-negatives", type=click.IntRange(min=0),
+              help="contrastive: hard negatives used per query (drawn from the row's 'neg') [default: all].")
+@click.option("--pooling", type=click.Choice(["cls", "mean", "mean-no-special"]),
+              help="Pooling of the saved encoder [default: the model's own, else mean].")
+@click.option("--model-config", type=click.Path(),
+              help="mlm: a config.json (or a directory holding one) to build a random-init encoder from.")
+@click.option("--tokenizer", type=click.Path(),
+              help="mlm: the tokenizer (a directory or tokenizer.json, e.g. from train-tokenizer).")
+@click.option("--document-model", help="custom: the separate document encoder (a directory or hub id).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_size, grad_accum, lr, weight_decay,
+                  warmup_steps, warmup_ratio, max_grad_norm, precision, seed, save_every, keep_checkpoints, resume,
+                  stop_after, log_every, tensorboard, num_workers, address, use_gpu, no_progress, **task_opts):
+    """Train (or pre-train) the encoder the pipeline embeds with; the result is a model directory.
+
+    \b
+    Examples:
+      retro-pipeline train --task contrastive --train-file pairs.jsonl --output-dir enc --max-steps 1000
+      retro-pipeline train --task retromae --model bert-base-uncased --train-file text.jsonl \\
+          --output-dir pre --epochs 1 --num-workers 4
+      retro-pipeline build --workdir W --embedder enc ...
+    """
+    from embedder.tasks.base import TaskOptions
+    from embedder.trainer import TrainConfig, train
+
+    options = TaskOptions(model=model, **{k: v for k, v in task_opts.items()
+                                          if v is not None and v != () and v is not False})
+    cfg = TrainConfig(task=task, train_file=train_file, output_dir=output_dir, options=options, lr=lr,
+                      weight_decay=weight_decay, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
+                      max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                      max_grad_norm=max_grad_norm or None, precision=precision, seed=seed, save_every=save_every,
+                      keep_checkpoints=keep_checkpoints, log_every=log_every, tensorboard=tensorboard,
+                      resume=resume, stop_after=stop_after, num_workers=num_workers, use_gpu=use_gpu,
+                      address=address, progress=not no_progress)
+    s = train(cfg)
+    loss = s.get("final_loss")
+    loss_text = f", last loss {loss:.4f}" if isinstance(loss, float) else ""
+    if s.get("finished"):
+        click.echo(f"trained {task} for {s['step']} steps ({s['num_workers']} worker(s), {s['device']}, "
+                   f"{s['precision']}){loss_text}: encoder saved in {s['output_dir']} "
+                   f"(use it with: retro-pipeline build --embedder {s['output_dir']})")
+    else:
+        click.echo(f"stopped {task} at step {s['step']} of {s['max_steps']}{loss_text}; checkpoint in "
+                   f"{s['checkpoints'][-1] if s.get('checkpoints') else s['output_dir']} (continue with the "
+                   f"same command and --resume latest)")
+    return s
+
+
+# ---------------------------------------------------------------------- evaluate, mine-negatives
+
+
+@cli.command("evaluate")
+@click.option("--model", required=True, help="Encoder to judge: a model directory (e.g. a train --output-dir) or "
+                                             "a hub id.")
+@click.option("--eval-file", required=True, type=click.Path(dir_okay=False),
+              help="JSONL pair rows {'query': ..., 'pos': ... [, 'neg': [...]]}; the corpus searched is every "
+                   "distinct positive and negative of the file; rows with one query text are one query.")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Cut-off of MRR@k, Recall@k and nDCG@k (Recall@1 and @100 are always given).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Texts per encoder batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+def evaluate_command(model, eval_file, k, batch_size, as_json):
+    """Retrieval quality of an encoder on query/positive pairs: MRR@10, Recall@1/10/100, nDCG@10 (exact
+    cosine search over the file's documents)."""
+    import json
+
+    from embedder.evaluate import evaluate
+
+    encoder, rows = _encoder_and_pairs(model, eval_file)
+    metrics = evaluate(encoder, rows, k=k, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    for name, value in metrics.items():
+        click.echo(f"{name:>12}  {value:.4f}" if isinstance(value, float) else f"{name:>12}  {value}")
+
+
+@cli.command("mine-negatives")
+@click.option("--model", required=True, help="Encoder that ranks the candidates: a model directory or hub id.")
+@click.option("--input", "input_file", required=True, type=click.Path(dir_okay=False),
+              help="JSONL pair rows {'query': ..., 'pos': ...}; the candidates are every distinct positive and "
+                   "negative of the file.")
+@click.option("--output", required=True, type=click.Path(dir_okay=False),
+              help="JSONL written atomically: each row with 'neg' replaced by its query's top-k candidates "
+                   "(best first) that are none of the query's positives; train --task contrastive reads it.")
+@click.option("--k", default=50, show_default=True, type=click.IntRange(min=1), help="Negatives mined per query.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Texts per encoder batch.")
+def mine_negatives_command(model, input_file, output, k, batch_size):
+    """Hard negatives for contrastive training: each query's top-ranked documents that are not its positives."""
+    import json
+
+    from embedder.atomic import atomic_path
+    from embedder.data import pair_row_json
+    from embedder.evaluate import mine_negatives
+
+    encoder, rows = _encoder_and_pairs(model, input_file)
+    mined = mine_negatives(encoder, rows, k=k, batch_size=batch_size)
+    with atomic_path(output) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in mined:
+                f.write(json.dumps(pair_row_json(row), ensure_ascii=False) + "\n")
+    click.echo(f"wrote {output}: {len(mined):,} rows, {sum(len(r['neg']) for r in mined):,} hard negatives "
+               f"(up to {k} per row)")
+
+
+class _PairRows:
+    """``check_row`` for :func:`embedder.data.read_rows`: pair rows, errors naming file:line."""
+
+    @staticmethod
+    def check_row(row, where):
+        from embedder.data import pair_row
+
+        return pair_row(row, where)
+
+
+def _encoder_and_pairs(model, path):
+    from embedder.data import read_rows
+    from embedder.encoder import Encoder
+
+    rows = read_rows(path, _PairRows())  # the file first: a bad line fails before the model loads
+    return Encoder.load(model), rows

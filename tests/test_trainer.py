@@ -1,0 +1,316 @@
+"""The one training loop (embedder.trainer): schedule, gradient accumulation, exact resume, 2 Ray Train workers
+vs 1, and the `train` command as a user meets it. Tiny random-init BERTs, CPU only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from embedder.errors import UserError
+from embedder.tasks.base import Task, TaskOptions
+from embedder.trainer import CHECKPOINTS, LOSS_LOG, TRAINING_ARGS, TrainConfig, linear_warmup_decay, train
+from retro_pipeline.cli import cli
+
+
+# ---------------------------------------------------------------------- a small task of the test's own
+
+
+class PairModule(torch.nn.Module):
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def embed(self, ids, mask):
+        h = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def forward(self, q_ids, q_mask, d_ids, d_mask):
+        return self.embed(q_ids, q_mask), self.embed(d_ids, d_mask)
+
+
+class PairTask(Task):
+    """Query/positive pairs on a mean-pooled tiny BERT. ``extra``: ``loss`` "row" (1 - cos per row: separable
+    over rows) or "inbatch" (InfoNCE over the gathered positives), ``noise`` (share of tokens the collate
+    masks, drawn from the rng it is given), ``dropout``."""
+
+    name = "pairs-test"
+    row_kind = "pairs"
+
+    def build(self, device):
+        from transformers import AutoModel
+
+        p = float(self.options.extra.get("dropout", 0.0))
+        bert = AutoModel.from_pretrained(self.options.model, hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+        return PairModule(bert).to(device)
+
+    def _tok(self):
+        if not hasattr(self, "_tokenizer"):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.options.model)
+        return self._tokenizer
+
+    def check_row(self, row, where):
+        if not isinstance(row.get("query"), str) or not isinstance(row.get("positive"), str):
+            raise UserError(f"{where}: a row needs string fields 'query' and 'positive'")
+        return {"query": row["query"], "positive": row["positive"]}
+
+    def collate(self, rows, rng):
+        tok = self._tok()
+        out = {}
+        for key, field in (("q", "query"), ("d", "positive")):
+            enc = tok([r[field] for r in rows], padding=True, truncation=True, max_length=self.options.max_length,
+                      return_tensors="np", return_special_tokens_mask=True)
+            ids = enc["input_ids"].copy()
+            noise = float(self.options.extra.get("noise", 0.0))
+            if noise:
+                hide = (rng.random(ids.shape) < noise) & (enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
+                ids[hide] = tok.mask_token_id
+            out[f"{key}_ids"] = torch.from_numpy(ids)
+            out[f"{key}_mask"] = torch.from_numpy(enc["attention_mask"])
+        return out
+
+    def loss(self, module, batch, gather=None):
+        q, d = module(**batch)
+        if self.options.extra.get("loss", "row") == "row":
+            loss = (1 - F.cosine_similarity(q, d, dim=-1)).mean()
+            return loss, {}
+        q, d = F.normalize(q, dim=-1), F.normalize(d, dim=-1)
+        offset = 0
+        if gather is not None:
+            d, offset = gather(d), gather.rank * q.shape[0]
+        logits = q @ d.T / 0.1
+        loss = F.cross_entropy(logits, torch.arange(q.shape[0]) + offset)
+        return loss, {"acc": float((logits.argmax(-1) == torch.arange(q.shape[0]) + offset).float().mean())}
+
+    def save(self, module, output_dir):
+        from embedder.encoder import Encoder
+
+        Encoder(getattr(module, "module", module).bert, self._tok(), pooling="mean",
+                max_length=self.options.max_length).save(output_dir)
+
+
+def _pairs(corpus_texts, n=32):
+    words = " ".join(corpus_texts[:40]).split()
+    rows = []
+    for i in range(n):
+        w = words[i * 17:(i * 17) + 24]
+        rows.append({"query": " ".join(w[:6]), "positive": " ".join(w[4:20])})
+    return rows
+
+
+@pytest.fixture()
+def pairs_file(tmp_path, corpus_texts):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in _pairs(corpus_texts)))
+    return str(p)
+
+
+def _cfg(tmp_path, name, tiny_bert_dir, pairs_file, **kw):
+    extra = kw.pop("extra", {})
+    return TrainConfig(task=PairTask, train_file=pairs_file, output_dir=str(tmp_path / name),
+                       options=TaskOptions(model=tiny_bert_dir, max_length=32, extra=extra),
+                       lr=kw.pop("lr", 1e-3), progress=False, **kw)
+
+
+def _weights(output_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(output_dir, "model.safetensors"))
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, LOSS_LOG)) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------- schedule
+
+
+def test_warmup_then_linear_decay():
+    f = linear_warmup_decay(4, 12)
+    assert [f(s) for s in range(14)] == pytest.approx(
+        [0, .25, .5, .75, 1, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0, 0])
+    g = linear_warmup_decay(0, 5)
+    assert [g(s) for s in range(6)] == pytest.approx([1, .8, .6, .4, .2, 0])
+    # as the optimizer sees it: LambdaLR with these multipliers, one scheduler step per optimizer step
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=2.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(2, 6))
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0, 1, 2, 1.5, 1, .5])
+
+
+# ---------------------------------------------------------------------- accumulation, logs, outputs
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path, tiny_bert_dir, pairs_file):
+    big = train(_cfg(tmp_path, "big", tiny_bert_dir, pairs_file, batch_size=8, max_steps=1, warmup_steps=0))
+    acc = train(_cfg(tmp_path, "acc", tiny_bert_dir, pairs_file, batch_size=8, grad_accum=4, max_steps=1,
+                     warmup_steps=0))
+    assert big["step"] == acc["step"] == 1 and big["finished"]
+    a, b = _weights(big["output_dir"]), _weights(acc["output_dir"])
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    start = _weights_start(tiny_bert_dir)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it did train
+    assert _losses(big["output_dir"])[0]["loss"] == pytest.approx(_losses(acc["output_dir"])[0]["loss"], rel=1e-5)
+    # what a finished run leaves: an encoder (plus its own logs) that Encoder.load takes
+    out = big["output_dir"]
+    args = json.load(open(os.path.join(out, TRAINING_ARGS)))
+    assert args["batch_size"] == 8 and args["task"] == "pairs-test" and args["max_steps_resolved"] == 1
+    from embedder.encoder import Encoder
+
+    enc = Encoder.load(out, device="cpu")
+    assert enc.encode(["hello world"]).shape == (1, 32)
+
+
+def _weights_start(tiny_bert_dir):
+    from safetensors.torch import load_file
+
+    return {f"{k}" if k.startswith("bert.") else k: v for k, v in load_file(f"{tiny_bert_dir}/model.safetensors").items()}
+
+
+# ---------------------------------------------------------------------- exact resume
+
+
+def test_resume_continues_exactly(tmp_path, tiny_bert_dir, pairs_file):
+    kw = dict(batch_size=8, max_steps=6, warmup_steps=2, extra={"noise": 0.2, "dropout": 0.1, "loss": "inbatch"})
+    whole = train(_cfg(tmp_path, "whole", tiny_bert_dir, pairs_file, **kw))
+    first = train(_cfg(tmp_path, "parts", tiny_bert_dir, pairs_file, stop_after=3, **kw))
+    assert first["step"] == 3 and not first["finished"]
+    parts = os.path.join(str(tmp_path), "parts")
+    assert os.path.isdir(os.path.join(parts, CHECKPOINTS, "step-3"))
+    assert not os.path.exists(os.path.join(parts, "model.safetensors"))  # no final model from a stopped run
+    second = train(_cfg(tmp_path, "parts", tiny_bert_dir, pairs_file, resume="latest", **kw))
+    assert second["resumed_from"].endswith("step-3") and second["finished"]
+    a, b = _weights(whole["output_dir"]), _weights(second["output_dir"])
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
+    la, lb = _losses(whole["output_dir"]), _losses(second["output_dir"])
+    assert [r["step"] for r in lb] == [1, 2, 3, 4, 5, 6]
+    assert la == lb
+    # the checkpoint itself loads with weights_only
+    state = torch.load(os.path.join(parts, CHECKPOINTS, "step-3", "trainer_state.pt"), weights_only=True)
+    assert state["step"] == 3 and {"model", "optimizer", "scheduler", "scaler", "rng"} <= state.keys()
+
+
+def test_epochs_keep_checkpoints_and_resume_checks(tmp_path, tiny_bert_dir, pairs_file):
+    cfg = _cfg(tmp_path, "ep", tiny_bert_dir, pairs_file, batch_size=8, epochs=1, save_every=1, keep_checkpoints=2)
+    s = train(cfg)
+    assert s["max_steps"] == 4 and s["step"] == 4  # 32 rows / 8 per batch
+    ckpts = sorted(os.listdir(os.path.join(s["output_dir"], CHECKPOINTS)))
+    assert ckpts == ["step-3", "step-4"]
+    assert json.load(open(os.path.join(s["output_dir"], TRAINING_ARGS)))["steps_per_epoch"] == 4
+    step3 = os.path.join(s["output_dir"], CHECKPOINTS, "step-3")
+    with pytest.raises(UserError, match="seed"):
+        train(_cfg(tmp_path, "ep", tiny_bert_dir, pairs_file, batch_size=8, epochs=1, seed=1, resume=step3))
+    with pytest.raises(UserError, match="not a checkpoint directory"):
+        train(_cfg(tmp_path, "ep", tiny_bert_dir, pairs_file, batch_size=8, epochs=1, resume=str(tmp_path)))
+    again = train(dataclasses.replace(cfg, resume=step3, save_every=None))  # an explicit checkpoint path
+    assert again["resumed_from"] == step3 and [r["step"] for r in _losses(again["output_dir"])] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------- 2 Ray Train workers vs 1
+
+RTOL = 1e-4  # per-step losses of 2 workers vs 1, same global batch (measured ~1e-7)
+
+
+def test_two_ray_workers_match_one(tmp_path, tiny_bert_dir, pairs_file, ray_session):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    kw = dict(batch_size=8, max_steps=4, warmup_steps=1, extra={"loss": "inbatch"})
+    one = train(_cfg(tmp_path, "one", tiny_bert_dir, pairs_file, **kw))
+    two = train(_cfg(tmp_path, "two", tiny_bert_dir, pairs_file, num_workers=2, save_every=2, **kw))
+    assert two["num_workers"] == 2 and two["finished"]
+    l1 = np.array([r["loss"] for r in _losses(one["output_dir"])])
+    l2 = np.array([r["loss"] for r in _losses(two["output_dir"])])
+    assert len(l1) == len(l2) == 4
+    diff = float(np.max(np.abs(l1 - l2) / np.abs(l1)))
+    print(f"1 vs 2 workers: losses {l1.tolist()} vs {l2.tolist()}, max rel. diff {diff:.2e}")
+    assert diff <= RTOL, (l1, l2)
+    assert l1[-1] < l1[0]  # it learns
+    a, b = _weights(one["output_dir"]), _weights(two["output_dir"])
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert os.path.isdir(os.path.join(two["output_dir"], CHECKPOINTS, "step-2"))
+
+
+# ---------------------------------------------------------------------- checks and the command line
+
+
+def test_batch_that_does_not_divide_is_a_user_error(tmp_path, tiny_bert_dir, pairs_file):
+    with pytest.raises(UserError, match="does not divide"):
+        train(_cfg(tmp_path, "x", tiny_bert_dir, pairs_file, batch_size=6, grad_accum=4, max_steps=1))
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install tensorboard"):
+            train(_cfg(tmp_path, "x", tiny_bert_dir, pairs_file, batch_size=8, max_steps=1,
+                       tensorboard=str(tmp_path / "tb")))
+
+
+def test_train_help_explains_the_options():
+    r = CliRunner().invoke(cli, ["train", "--help"])
+    assert r.exit_code == 0, r.output
+    for flag in ("--task", "--model", "--train-file", "--output-dir", "--max-steps", "--epochs", "--batch-size",
+                 "--grad-accum", "--precision", "--save-every", "--resume", "--tensorboard", "--num-workers",
+                 "--matryoshka-dims", "--mask-ratio", "--temperature"):
+        assert flag in r.output, flag
+
+
+def test_train_bad_file_is_one_line(tmp_path, tiny_bert_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "fine", "pos": "also fine"}\n{not json\n')
+    for path, words in ((tmp_path / "missing.jsonl", ["missing.jsonl"]), (bad, [f"{bad}:2"])):
+        r = CliRunner().invoke(cli, ["train", "--task", "contrastive", "--model", tiny_bert_dir, "--train-file", str(path),
+                                     "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--no-progress"])
+        assert r.exit_code == 2, (r.output, r.exception)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.stderr
+        for w in words:
+            assert w in lines[0], (w, lines[0])
+
+
+@pytest.mark.parametrize("task", ["contrastive", "retromae"])
+def test_train_command_end_to_end(tmp_path, cls_bert_dir, corpus_texts, task):
+    """The command as a user runs it, on a tiny JSONL: a few steps, an encoder that loads, `evaluate` on it."""
+    pytest.importorskip(f"embedder.tasks.{task}")
+    data = tmp_path / "rows.jsonl"
+    if task == "contrastive":
+        rows = [{"query": r["query"], "pos": r["positive"]} for r in _pairs(corpus_texts, 16)]
+    else:
+        rows = [{"text": t[:300]} for t in corpus_texts[:16]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "enc"
+    r = CliRunner().invoke(cli, ["train", "--task", task, "--model", cls_bert_dir, "--train-file", str(data),
+                                 "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3",
+                                 "--max-length", "32", "--save-every", "2", "--no-progress"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "trained" in r.output and str(out) in r.output
+    losses = _losses(str(out))
+    assert [x["step"] for x in losses] == [1, 2, 3] and all(math.isfinite(x["loss"]) for x in losses)
+    assert os.path.isdir(out / CHECKPOINTS / "step-2") and os.path.isfile(out / TRAINING_ARGS)
+    from embedder.encoder import Encoder
+
+    enc = Encoder.load(str(out), device="cpu")
+    assert enc.encode(["a short text"]).shape == (1, 32)
+    if task == "contrastive":
+        e = CliRunner().invoke(cli, ["evaluate", "--model", str(out), "--eval-file", str(data), "--json"])
+        assert e.exit_code == 0, (e.output, e.exception)
+        metrics = json.loads(e.stdout.strip().splitlines()[-1])
+        assert 0 <= metrics["mrr@10"] <= 1 and metrics["n_queries"] == 16
