@@ -359,44 +359,9 @@ class Gather:
         self.rank, self.world_size = rank, world_size
 
     def __call__(self, t):
-        return _all_gather_with_grad().apply(t)
+        from embedder.losses import gather_with_grad
 
-
-_AGG = None
-
-
-def _all_gather_with_grad():
-    global _AGG
-    if _AGG is None:
-        import torch
-        import torch.distributed as dist
-
-        class AllGatherWithGrad(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, t):
-                world, rank = dist.get_world_size(), dist.get_rank()
-                n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
-                sizes = [torch.zeros_like(n) for _ in range(world)]
-                dist.all_gather(sizes, n)
-                sizes = [int(x) for x in sizes]
-                ctx.offset, ctx.n = sum(sizes[:rank]), t.shape[0]
-                width = max(sizes)
-                padded = t.contiguous()
-                if t.shape[0] < width:
-                    padded = torch.cat([padded, t.new_zeros((width - t.shape[0],) + tuple(t.shape[1:]))])
-                parts = [torch.empty_like(padded) for _ in range(world)]
-                dist.all_gather(parts, padded)
-                parts[rank] = t
-                return torch.cat([p[:k] for p, k in zip(parts, sizes)], dim=0)
-
-            @staticmethod
-            def backward(ctx, grad):
-                grad = grad.contiguous().clone()
-                dist.all_reduce(grad)
-                return grad[ctx.offset:ctx.offset + ctx.n]
-
-        _AGG = AllGatherWithGrad
-    return _AGG
+        return gather_with_grad(t)
 
 
 def _to_device(obj, device):
