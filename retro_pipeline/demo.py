@@ -87,6 +87,34 @@ def demo_text_documents(include_source: bool = False) -> list[str]:
     return docs
 
 
+def demo_query_pairs(min_doc_chars: int = 40, max_doc_chars: int = 1000) -> list[dict]:
+    """Query → document pairs every machine can build: for each public function, method and class of
+    :data:`DEMO_MODULES`, ``query`` = its name and signature (``Class.method(self, x, *, key=None)``, without
+    the module), ``pos`` = its docstring (at least ``min_doc_chars``, cut at ``max_doc_chars``), ``module`` =
+    the module (to hold out a split by module). Documents are unique: a docstring shared by several names
+    (an alias, an inherited copy) is kept for the first one only. A fixed order for a given Python."""
+    out, seen = [], set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for modname in DEMO_MODULES:
+            try:
+                mod = importlib.import_module(modname)
+            except ImportError:
+                continue
+            for qualname, obj in _members(mod)[1:]:
+                doc = inspect.getdoc(obj)
+                if not doc or len(doc) < min_doc_chars or doc in seen:
+                    continue
+                seen.add(doc)
+                name = qualname[len(modname) + 1:]
+                try:
+                    sig = str(inspect.signature(obj.fget if isinstance(obj, property) else obj))
+                except (TypeError, ValueError):
+                    sig = ""
+                out.append({"query": name + sig, "pos": doc[:max_doc_chars], "module": modname})
+    return out
+
+
 def _valid(prefix: str, n_docs: int) -> bool:
     from retro_pipeline.corpus import IndexedDataset
     from retro_pipeline.errors import RetroError
