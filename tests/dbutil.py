@@ -32,6 +32,22 @@ def edge_case_docs(gpt, texts: list[str], chunk_length: int, n_docs: int = 60, s
     return [np.asarray(docs[i], dtype=np.int64) for i in order]
 
 
+def random_size_corpus(prefix, gpt, texts, seed: int, sizes, max_docs: int) -> str:
+    """Real text cut into up to ``max_docs`` EOD-terminated documents of seeded random ``sizes`` (GPT tokens),
+    written as the indexed dataset ``prefix``."""
+    from retro_pipeline.corpus import write_indexed_dataset
+
+    rng = np.random.default_rng(seed)
+    stream = np.concatenate(gpt.encode_batch(texts))
+    docs, pos = [], 0
+    while pos < len(stream) and len(docs) < max_docs:
+        n = int(rng.choice(sizes))
+        docs.append(np.append(stream[pos:pos + n], gpt.eod_id))
+        pos += n
+    write_indexed_dataset(str(prefix), docs, np.uint16)
+    return str(prefix)
+
+
 def reference_block(gpt_tok, bert_tok, docs, doc_range, chunk_length, eod):
     """Megatron's per-chunk loop, written plainly: detokenize, retokenize, classify."""
     valid, invalid, offsets, total = [], [], [], 0

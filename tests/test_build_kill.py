@@ -18,8 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from dbutil import random_size_corpus
 from retro_pipeline.config import RunOptions
-from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
@@ -36,15 +36,7 @@ KILLS = [("db-build", "blocks"), ("db-build", "db-build:finalize"), ("embed-samp
 
 
 def make_corpus(path, gpt, texts) -> str:
-    rng = np.random.default_rng(7)
-    stream = np.concatenate(gpt.encode_batch(texts))
-    docs, pos = [], 0
-    while pos < len(stream) and len(docs) < 500:
-        n = int(rng.choice([5, 20, 40, 90, 150]))
-        docs.append(np.append(stream[pos:pos + n], gpt.eod_id))
-        pos += n
-    write_indexed_dataset(str(path), docs, np.uint16)
-    return str(path)
+    return random_size_corpus(path, gpt, texts, 7, [5, 20, 40, 90, 150], 500)
 
 
 def cli_args(wd, prefix, gpt, bert, workers):

@@ -9,8 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
+from dbutil import random_size_corpus
 from retro_pipeline.config import RunOptions
-from retro_pipeline.corpus import IndexedDataset, write_indexed_dataset
+from retro_pipeline.corpus import IndexedDataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
@@ -21,16 +22,7 @@ SEQ, CL = 64, 16
 
 def corpus(tmp_path, gpt, texts, seed, name="c"):
     """Real text cut into documents of random sizes, many shorter than a chunk (samples span several)."""
-    rng = np.random.default_rng(seed)
-    stream = np.concatenate(gpt.encode_batch(texts))
-    docs, pos = [], 0
-    while pos < len(stream) and len(docs) < 400:
-        n = int(rng.choice([3, 9, 20, 40, 90]))
-        docs.append(np.append(stream[pos:pos + n], gpt.eod_id))
-        pos += n
-    prefix = str(tmp_path / name)
-    write_indexed_dataset(prefix, docs, np.uint16)
-    return prefix
+    return random_size_corpus(tmp_path / name, gpt, texts, seed, [3, 9, 20, 40, 90], 400)
 
 
 def build(wd, prefix, gpt_path, model, **kw):
