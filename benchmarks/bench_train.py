@@ -13,11 +13,13 @@ documents (:func:`embedder.evaluate.evaluate`).
 
     python benchmarks/bench_train.py --out /tmp/bench_train            # the figures in RESULTS.md
     python benchmarks/bench_train.py --out /tmp/bench_train --quick    # minutes: smaller runs
+    ... --reuse                                                        # keep finished runs of the same settings
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -28,14 +30,7 @@ from embedder import Encoder, default_model_path
 from embedder.evaluate import evaluate
 from embedder.tasks.base import TaskOptions
 from embedder.trainer import TrainConfig, train
-from retro_pipeline.demo import demo_query_pairs
-
-
-def split_by_module(pairs: list[dict], test_share: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    modules = sorted({p["module"] for p in pairs})
-    rng = np.random.default_rng(seed)
-    test = set(rng.choice(modules, size=max(1, round(test_share * len(modules))), replace=False).tolist())
-    return [p for p in pairs if p["module"] not in test], [p for p in pairs if p["module"] in test]
+from retro_pipeline.demo import demo_query_pairs, split_by_module
 
 
 def write_jsonl(path: str, rows: list[dict]) -> str:
@@ -59,25 +54,64 @@ def random_bert(out: str, hidden: int, layers: int) -> str:
     return out
 
 
-def score(model_dir: str, test: list[dict]) -> dict:
+RR: dict[str, np.ndarray] = {}          # per held-out query reciprocal ranks, for the paired comparisons
+
+
+def score(name: str, model_dir: str, test: list[dict]) -> dict:
     enc = Encoder.load(model_dir, device="cpu")
-    m = evaluate(enc, test, k=10)
+    m = evaluate(enc, test, k=10, per_query=True)
+    RR[name] = np.asarray(m.pop("rr@10"))
     return {k: round(float(v), 4) for k, v in m.items()}
 
 
+def paired(a: str, b: str, rounds: int = 10000, seed: int = 0) -> str:
+    """MRR@10 of b minus a, with a 95% paired bootstrap interval over the held-out queries and the share of
+    queries b ranks better / worse."""
+    d = RR[b] - RR[a]
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(rounds, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return (f"{b} - {a}: MRR@10 {d.mean():+.4f} (95% paired bootstrap [{lo:+.4f}, {hi:+.4f}]; "
+            f"better on {(d > 0).mean():.1%} of queries, worse on {(d < 0).mean():.1%})")
+
+
+REUSE = False
+SECONDS = "bench_seconds.json"   # beside a finished run: its training time, for --reuse
+
+
 def run(task: str, model: str, train_file: str, out: str, steps: int, batch: int, lr: float, **opt) -> float:
+    """Train; return the seconds it took. With --reuse, a finished run of ``out`` with the same settings (its
+    training_args.json) is kept and its recorded seconds returned."""
+    cfg = TrainConfig(task=task, train_file=train_file, output_dir=out, lr=lr, max_steps=steps, batch_size=batch,
+                      warmup_ratio=0.1, seed=0, progress=False, options=TaskOptions(model=model, **opt))
+    if REUSE and os.path.exists(os.path.join(out, SECONDS)):
+        with open(os.path.join(out, "training_args.json")) as f:
+            done = json.load(f)
+        want = dataclasses.asdict(cfg)
+        if all(done.get(k) == want[k] for k in ("task", "lr", "max_steps", "batch_size", "warmup_ratio", "seed")) \
+                and done["options"].get("model") == model and os.path.abspath(done["train_file"]) == \
+                os.path.abspath(train_file):
+            with open(os.path.join(out, SECONDS)) as f:
+                return json.load(f)["seconds"]
     t0 = time.perf_counter()
-    train(TrainConfig(task=task, train_file=train_file, output_dir=out, lr=lr, max_steps=steps, batch_size=batch,
-                      warmup_ratio=0.1, seed=0, progress=False,
-                      options=TaskOptions(model=model, **opt)))
-    return time.perf_counter() - t0
+    train(cfg)
+    secs = time.perf_counter() - t0
+    with open(os.path.join(out, SECONDS), "w") as f:
+        json.dump({"seconds": secs}, f)
+    return secs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not the recorded figures)")
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs under --out that had the same settings")
     args = ap.parse_args()
+    global REUSE
+    REUSE = args.reuse
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
     q = args.quick
     pairs = demo_query_pairs()
@@ -91,29 +125,35 @@ def main() -> None:
 
     # 1. the packaged MiniLM: as shipped, then fine-tuned
     minilm = default_model_path()
-    results["MiniLM as shipped"] = score(minilm, test)
+    results["MiniLM as shipped"] = score("MiniLM as shipped", minilm, test)
     out = os.path.join(args.out, "minilm_contrastive")
     secs = run("contrastive", minilm, train_file, out, steps=10 if q else 80, batch=32, lr=3e-5, max_length=128)
-    results["MiniLM + contrastive"] = {**score(out, test), "train_s": round(secs)}
+    results["MiniLM + contrastive"] = {**score("MiniLM + contrastive", out, test), "train_s": round(secs)}
 
-    # 2. a small random-init BERT: contrastive alone vs RetroMAE pre-training first
+    # 2. a small random-init BERT: contrastive alone vs RetroMAE pre-training first, at several fine-tuning
+    #    budgets (a random model overfits 1,203 pairs within a few epochs: no one budget is fair to both)
     init = random_bert(os.path.join(args.out, "random_bert"), hidden=256, layers=4)
-    steps = 40 if q else 300
-    out = os.path.join(args.out, "random_contrastive")
-    secs = run("contrastive", init, train_file, out, steps=steps, batch=32, lr=1e-4, max_length=128)
-    results["random BERT + contrastive"] = {**score(out, test), "train_s": round(secs)}
     pre = os.path.join(args.out, "random_retromae")
-    secs_pre = run("retromae", init, docs_file, pre, steps=100 if q else 1000, batch=32, lr=2e-4, max_length=128)
-    out = os.path.join(args.out, "random_retromae_contrastive")
-    secs = run("contrastive", pre, train_file, out, steps=steps, batch=32, lr=1e-4, max_length=128)
-    results["random BERT + RetroMAE + contrastive"] = {**score(out, test), "train_s": round(secs + secs_pre)}
+    secs_pre = run("retromae", init, docs_file, pre, steps=100 if q else 600, batch=32, lr=2e-4, max_length=128)
+    pairs_to_compare = []
+    for steps in ([40] if q else [40, 120, 300]):
+        alone, with_pre = f"random BERT + contrastive {steps}", f"random BERT + RetroMAE + contrastive {steps}"
+        out = os.path.join(args.out, f"random_contrastive_{steps}")
+        secs = run("contrastive", init, train_file, out, steps=steps, batch=32, lr=1e-4, max_length=128)
+        results[alone] = {**score(alone, out, test), "train_s": round(secs)}
+        out = os.path.join(args.out, f"random_retromae_contrastive_{steps}")
+        secs = run("contrastive", pre, train_file, out, steps=steps, batch=32, lr=1e-4, max_length=128)
+        results[with_pre] = {**score(with_pre, out, test), "train_s": round(secs + secs_pre)}
+        pairs_to_compare.append((alone, with_pre))
 
-    print(f"\n{'model':40s} {'MRR@10':>7s} {'R@1':>6s} {'R@10':>6s} {'nDCG@10':>8s} {'train s':>8s}")
+    print(f"\n{'model (contrastive N: N fine-tuning steps)':44s} {'MRR@10':>7s} {'R@1':>6s} {'R@10':>6s} {'nDCG@10':>8s} {'train s':>8s}")
     for name, m in results.items():
-        print(f"{name:40s} {m['mrr@10']:7.4f} {m['recall@1']:6.4f} {m['recall@10']:6.4f} {m['ndcg@10']:8.4f} "
+        print(f"{name:44s} {m['mrr@10']:7.4f} {m['recall@1']:6.4f} {m['recall@10']:6.4f} {m['ndcg@10']:8.4f} "
               f"{m.get('train_s', ''):>8}")
+    comparisons = [paired("MiniLM as shipped", "MiniLM + contrastive")] + [paired(a, b) for a, b in pairs_to_compare]
+    print("\n" + "\n".join(comparisons))
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump({"results": results, "comparisons": comparisons}, f, indent=2)
 
 
 if __name__ == "__main__":

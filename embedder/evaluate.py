@@ -102,32 +102,36 @@ def _queries(rows: list[dict], index: dict[str, int]) -> tuple[list[str], list[l
 
 
 def evaluate(encoder, rows: Sequence[dict], k: int = 10, batch_size: int | None = None,
-             backend: str = "auto") -> dict:
+             backend: str = "auto", per_query: bool = False) -> dict:
     """``{"mrr@k", "recall@1", "recall@k", "recall@100", "ndcg@k", "n_queries", "n_documents"}`` (module
     docstring) of ``encoder`` (anything with ``encode(texts) -> [n, dim]``) on pair rows (raw or as
-    :func:`embedder.data.pair_row` returns them)."""
+    :func:`embedder.data.pair_row` returns them). With ``per_query``, also ``"rr@k"``: each distinct query's
+    reciprocal rank (0 past k), in first-occurrence order, for paired comparisons of two encoders."""
     rows = pair_rows(rows)
     docs, index = _corpus(rows)
     queries, relevant = _queries(rows, index)
     cutoffs = sorted({1, int(k), 100})
     _, ids = search(_encode(encoder, queries, batch_size), _encode(encoder, docs, batch_size), max(cutoffs),
                     backend)
-    mrr = ndcg = 0.0
+    ndcg = 0.0
+    rr: list[float] = []
     recall = dict.fromkeys(cutoffs, 0.0)
     for ranked, rel in zip(ids.tolist(), relevant):
         rel = set(rel)
         hits = [r for r, doc in enumerate(ranked, 1) if doc in rel]                     # 1-based ranks
         first = next((r for r in hits if r <= k), None)
-        mrr += 1.0 / first if first else 0.0
+        rr.append(1.0 / first if first else 0.0)
         for c in cutoffs:
             recall[c] += sum(1 for r in hits if r <= c) / len(rel)
         ideal = sum(1.0 / np.log2(r + 1) for r in range(1, min(len(rel), k) + 1))
         ndcg += sum(1.0 / np.log2(r + 1) for r in hits if r <= k) / ideal
     n = len(queries)
-    out = {f"mrr@{k}": mrr / n}
+    out = {f"mrr@{k}": sum(rr) / n}
     out.update({f"recall@{c}": recall[c] / n for c in cutoffs})
     out[f"ndcg@{k}"] = ndcg / n
     out.update({"n_queries": n, "n_documents": len(docs)})
+    if per_query:
+        out[f"rr@{k}"] = rr
     return out
 
 

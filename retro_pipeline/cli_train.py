@@ -7,6 +7,8 @@ Nothing here imports torch or ray until a command runs.
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from embedder.tasks import TASK_MODULES
@@ -141,6 +143,10 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
                       keep_checkpoints=keep_checkpoints, log_every=log_every, tensorboard=tensorboard,
                       resume=resume, stop_after=stop_after, num_workers=num_workers, use_gpu=use_gpu,
                       address=address, progress=not no_progress)
+    if address or (num_workers > 1 and os.environ.get("RAY_ADDRESS")):
+        from retro_pipeline.executor.ray import ensure_ray
+
+        ensure_ray(address)  # fails in seconds on a dead address, follows 'auto', sends this machine's token
     s = train(cfg)
     loss = s.get("final_loss")
     loss_text = f", last loss {loss:.4f}" if isinstance(loss, float) else ""
@@ -159,8 +165,8 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
 
 
 @cli.command("evaluate")
-@click.option("--model", required=True, help="Encoder to judge: a model directory (e.g. a train --output-dir) or "
-                                             "a hub id.")
+@click.option("--model", help="Encoder to judge: a model directory (e.g. a train --output-dir) or a hub id "
+                              "[default: the packaged all-MiniLM-L6-v2].")
 @click.option("--eval-file", required=True, type=click.Path(dir_okay=False),
               help="JSONL pair rows {'query': ..., 'pos': ... [, 'neg': [...]]}; the corpus searched is every "
                    "distinct positive and negative of the file; rows with one query text are one query.")
@@ -186,7 +192,8 @@ def evaluate_command(model, eval_file, k, batch_size, as_json):
 
 
 @cli.command("mine-negatives")
-@click.option("--model", required=True, help="Encoder that ranks the candidates: a model directory or hub id.")
+@click.option("--model", help="Encoder that ranks the candidates: a model directory or hub id [default: the "
+                              "packaged all-MiniLM-L6-v2].")
 @click.option("--input", "input_file", required=True, type=click.Path(dir_okay=False),
               help="JSONL pair rows {'query': ..., 'pos': ...}; the candidates are every distinct positive and "
                    "negative of the file.")
@@ -212,6 +219,48 @@ def mine_negatives_command(model, input_file, output, k, batch_size):
                 f.write(json.dumps(pair_row_json(row), ensure_ascii=False) + "\n")
     click.echo(f"wrote {output}: {len(mined):,} rows, {sum(len(r['neg']) for r in mined):,} hard negatives "
                f"(up to {k} per row)")
+
+
+@cli.command("demo-pairs")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False),
+              help="Where train.jsonl, test.jsonl and docs.jsonl are written (created if missing).")
+@click.option("--test-share", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True,
+                                                                                      max_open=True),
+              help="Share of the modules held out whole as the test split.")
+@click.option("--seed", default=0, show_default=True, help="Seeds which modules are held out.")
+def demo_pairs_command(output_dir, test_share, seed):
+    """Training data every machine has, to try `train` and `evaluate` on: query -> document pairs from the
+    Python standard library (a function's name and signature -> its docstring), split by module.
+
+    \b
+    Writes (each atomically) into OUTPUT_DIR:
+      train.jsonl  {"query", "pos"} pairs of the training modules (train --task contrastive)
+      test.jsonl   the same for the held-out modules (evaluate --eval-file)
+      docs.jsonl   {"text"}: the training documents (train --task retromae / retroar / mlm)
+    """
+    import json
+    from pathlib import Path
+
+    from embedder.atomic import atomic_path
+    from retro_pipeline.demo import demo_query_pairs, split_by_module
+    from retro_pipeline.errors import UserError
+
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create it ({e.strerror}); choose another --output-dir") from None
+    train_rows, test_rows = split_by_module(demo_query_pairs(), test_share, seed)
+    files = {"train.jsonl": [{"query": p["query"], "pos": p["pos"]} for p in train_rows],
+             "test.jsonl": [{"query": p["query"], "pos": p["pos"]} for p in test_rows],
+             "docs.jsonl": [{"text": p["pos"]} for p in train_rows]}
+    for name, rows in files.items():
+        with atomic_path(out / name) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    n_mod = len({p["module"] for p in train_rows}), len({p["module"] for p in test_rows})
+    click.echo(f"wrote {out}/train.jsonl ({len(train_rows):,} pairs, {n_mod[0]} modules), test.jsonl "
+               f"({len(test_rows):,} pairs, {n_mod[1]} held-out modules), docs.jsonl ({len(train_rows):,} texts)")
 
 
 class _PairRows:

@@ -9,11 +9,16 @@ BPE (shipped offline, see :func:`retro_pipeline.tokenizers.load_gpt_tokenizer`) 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -59,9 +64,31 @@ def _members(mod) -> list[tuple[str, object]]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _fresh(function: str, args: str) -> str:
+    """JSON of ``function(**json.loads(args))`` of this module, computed in a fresh interpreter: what a
+    module exposes can be changed by what the caller imported (``torch.package`` replaces
+    ``inspect.getfile``, for one), and the demo data must depend on the Python installation only."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json, sys; from retro_pipeline import demo; "
+            f"sys.stdout.write(json.dumps(demo.{function}(**json.loads(sys.argv[1]))))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = root
+    env["PYTHONHASHSEED"] = "0"
+    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"collecting the demo text failed:\n{done.stderr.strip()}")
+    return done.stdout
+
+
 def demo_text_documents(include_source: bool = False) -> list[str]:
     """The demo documents, in a fixed order: pydoc topics by name, then docstrings by module and name, then
-    (with ``include_source``) the source file of each module in :data:`DEMO_MODULES`, one document each."""
+    (with ``include_source``) the source file of each module in :data:`DEMO_MODULES`, one document each.
+    Collected in a fresh interpreter, so the result does not depend on what the caller imported."""
+    return json.loads(_fresh("_collect_text_documents", json.dumps({"include_source": include_source})))
+
+
+def _collect_text_documents(include_source: bool = False) -> list[str]:
     from pydoc_data.topics import topics
 
     docs = [f"{name}\n\n{topics[name].strip()}" for name in sorted(topics)]
@@ -90,9 +117,28 @@ def demo_text_documents(include_source: bool = False) -> list[str]:
 def demo_query_pairs(min_doc_chars: int = 40, max_doc_chars: int = 1000) -> list[dict]:
     """Query → document pairs every machine can build: for each public function, method and class of
     :data:`DEMO_MODULES`, ``query`` = its name and signature (``Class.method(self, x, *, key=None)``, without
-    the module), ``pos`` = its docstring (at least ``min_doc_chars``, cut at ``max_doc_chars``), ``module`` =
-    the module (to hold out a split by module). Documents are unique: a docstring shared by several names
-    (an alias, an inherited copy) is kept for the first one only. A fixed order for a given Python."""
+    the module; object addresses such as ``<object object at 0x7f..>`` dropped), ``pos`` = its docstring (at
+    least ``min_doc_chars``, cut at ``max_doc_chars``), ``module`` = the module (to hold out a split by
+    module). Documents are unique: a docstring shared by several names (an alias, an inherited copy) is kept
+    for the first one only. The same list, in the same order, for a given Python installation (collected in a
+    fresh interpreter)."""
+    return json.loads(_fresh("_collect_query_pairs",
+                             json.dumps({"min_doc_chars": min_doc_chars, "max_doc_chars": max_doc_chars})))
+
+
+def split_by_module(pairs: list[dict], test_share: float = 0.25, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs: a seeded ``test_share`` of the modules (at least one) is held out whole, so no
+    held-out document, nor any other document of its module, is trained on."""
+    modules = sorted({p["module"] for p in pairs})
+    rng = np.random.default_rng(seed)
+    test = set(rng.choice(modules, size=max(1, round(test_share * len(modules))), replace=False).tolist())
+    return [p for p in pairs if p["module"] not in test], [p for p in pairs if p["module"] in test]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _collect_query_pairs(min_doc_chars: int, max_doc_chars: int) -> list[dict]:
     out, seen = [], set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -108,7 +154,7 @@ def demo_query_pairs(min_doc_chars: int = 40, max_doc_chars: int = 1000) -> list
                 seen.add(doc)
                 name = qualname[len(modname) + 1:]
                 try:
-                    sig = str(inspect.signature(obj.fget if isinstance(obj, property) else obj))
+                    sig = _ADDRESS.sub("", str(inspect.signature(obj.fget if isinstance(obj, property) else obj)))
                 except (TypeError, ValueError):
                     sig = ""
                 out.append({"query": name + sig, "pos": doc[:max_doc_chars], "module": modname})

@@ -12,6 +12,7 @@ size and mtime are both unchanged is not read again.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,26 @@ def model_files(spec: str | None, kind: str) -> list[Path]:
     if p.is_file():
         return [p.absolute()]
     if p.is_dir():
-        return sorted(q.absolute() for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+        entries = [p]
+        if kind == "embedder":
+            entries = _trained_model_entries(p) or entries
+        return sorted(q.absolute() for e in entries for q in ([e] if e.is_file() else e.rglob("*"))
+                      if q.is_file() and not q.name.startswith("."))
     return []  # a hub id: its files live in the hub cache, pinned by the id
+
+
+def _trained_model_entries(directory: Path) -> list[Path]:
+    """For a ``retro-pipeline train`` output directory, the entries its final save wrote (listed in the
+    trainer's manifest): the model, not the checkpoints and logs beside it, which a build does not read."""
+    from embedder.trainer import MODEL_MANIFEST
+
+    try:
+        names = json.loads((directory / MODEL_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n for n in names):
+        return []
+    return [directory / n for n in names]
 
 
 def record_inputs(files) -> dict[str, dict]:

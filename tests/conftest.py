@@ -12,6 +12,15 @@ def script(name: str) -> str:
     """A console script of the environment running the tests (its bin/ need not be on PATH)."""
     return os.path.join(os.path.dirname(sys.executable), name)
 
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

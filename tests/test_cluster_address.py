@@ -12,17 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import script
+from conftest import free_port, script
 from retro_pipeline.config import RunOptions
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

@@ -314,3 +314,23 @@ def test_train_command_end_to_end(tmp_path, cls_bert_dir, corpus_texts, task):
         assert e.exit_code == 0, (e.output, e.exception)
         metrics = json.loads(e.stdout.strip().splitlines()[-1])
         assert 0 <= metrics["mrr@10"] <= 1 and metrics["n_queries"] == 16
+
+
+def test_train_unreachable_address_fails_fast(tmp_path, tiny_bert_dir, pairs_file):
+    """`train --address` at a dead host:port is a one-line error in seconds, not a Ray connect retry loop."""
+    import subprocess
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "retro_pipeline.cli", "train", "--task", "contrastive", "--model",
+                        tiny_bert_dir, "--train-file", pairs_file, "--output-dir", str(tmp_path / "out"),
+                        "--max-steps", "1", "--num-workers", "2", "--address", f"127.0.0.1:{port}", "--no-progress"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --address 127.0.0.1:{port}"), r.stderr[-2000:]
+    assert time.monotonic() - t0 < 60 and not (tmp_path / "out").exists()
