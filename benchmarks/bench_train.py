@@ -135,6 +135,9 @@ def main() -> None:
     init = random_bert(os.path.join(args.out, "random_bert"), hidden=256, layers=4)
     pre = os.path.join(args.out, "random_retromae")
     secs_pre = run("retromae", init, docs_file, pre, steps=100 if q else 600, batch=32, lr=2e-4, max_length=128)
+    results["random BERT, no training"] = score("random BERT, no training", init, test)
+    results["random BERT + RetroMAE, no fine-tuning"] = {**score("random BERT + RetroMAE, no fine-tuning", pre, test),
+                                                         "train_s": round(secs_pre)}
     pairs_to_compare = []
     for steps in ([40] if q else [40, 120, 300]):
         alone, with_pre = f"random BERT + contrastive {steps}", f"random BERT + RetroMAE + contrastive {steps}"
