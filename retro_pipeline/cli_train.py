@@ -33,8 +33,8 @@ def _dims(ctx, param, value):
 @cli.command("train", context_settings={"max_content_width": 110})
 @click.option("--task", required=True, type=click.Choice(list(TASK_MODULES)),
               help="retromae / retroar: pre-train an encoder on raw text (masked encoder + light decoder; "
-                   "rows {'text': ...}); mlm: masked-language-model pre-training, possibly from a random init "
-                   "(--model-config, --tokenizer); contrastive: fine-tune on query/positive pairs with in-batch "
+                   "rows {'text': ...}); mlm: masked-language-model pre-training; all three can start from "
+                   "a random init (--model-config, --tokenizer); contrastive: fine-tune on query/positive pairs with in-batch "
                    "(+ hard) negatives (rows {'query', 'pos'[, 'neg']}); custom: a query encoder trained "
                    "against a separate document encoder (--document-model).")
 @click.option("--model", help="Encoder to start from: a model directory (e.g. an earlier train --output-dir) or a "
@@ -114,9 +114,12 @@ def _dims(ctx, param, value):
 @click.option("--pooling", type=click.Choice(["cls", "mean", "mean-no-special"]),
               help="Pooling of the saved encoder [default: the model's own, else mean].")
 @click.option("--model-config", type=click.Path(),
-              help="mlm: a config.json (or a directory holding one) to build a random-init encoder from.")
+              help="mlm, retromae, retroar: start from a random-init encoder built from this config.json (or a "
+                   "directory holding one; e.g. {\"model_type\": \"bert\", \"hidden_size\": 256, ...}) "
+                   "instead of --model.")
 @click.option("--tokenizer", type=click.Path(),
-              help="mlm: the tokenizer (a directory or tokenizer.json, e.g. from train-tokenizer).")
+              help="With --model-config: the tokenizer (a directory or tokenizer.json, e.g. from "
+                   "train-tokenizer --kind wordpiece).")
 @click.option("--document-model", help="custom: the separate document encoder (a directory or hub id).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_size, grad_accum, lr, weight_decay,
@@ -223,7 +226,7 @@ def mine_negatives_command(model, input_file, output, k, batch_size):
 
 @cli.command("demo-pairs")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False),
-              help="Where train.jsonl, test.jsonl and docs.jsonl are written (created if missing).")
+              help="Where train.jsonl, test.jsonl, docs.jsonl and pretrain.jsonl are written (created if missing).")
 @click.option("--test-share", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True,
                                                                                       max_open=True),
               help="Share of the modules held out whole as the test split.")
@@ -237,12 +240,14 @@ def demo_pairs_command(output_dir, test_share, seed):
       train.jsonl  {"query", "pos"} pairs of the training modules (train --task contrastive)
       test.jsonl   the same for the held-out modules (evaluate --eval-file)
       docs.jsonl   {"text"}: the training documents (train --task retromae / retroar / mlm)
+      pretrain.jsonl {"text"}: 80-word passages of more text for pre-training: the pydoc topics, the
+                   training documents and the standard library's source files, none from a held-out module
     """
     import json
     from pathlib import Path
 
     from embedder.atomic import atomic_path
-    from retro_pipeline.demo import demo_query_pairs, split_by_module
+    from retro_pipeline.demo import demo_pretrain_passages, demo_query_pairs, split_by_module
     from retro_pipeline.errors import UserError
 
     out = Path(output_dir)
@@ -253,14 +258,17 @@ def demo_pairs_command(output_dir, test_share, seed):
     train_rows, test_rows = split_by_module(demo_query_pairs(), test_share, seed)
     files = {"train.jsonl": [{"query": p["query"], "pos": p["pos"]} for p in train_rows],
              "test.jsonl": [{"query": p["query"], "pos": p["pos"]} for p in test_rows],
-             "docs.jsonl": [{"text": p["pos"]} for p in train_rows]}
+             "docs.jsonl": [{"text": p["pos"]} for p in train_rows],
+             "pretrain.jsonl": [{"text": t} for t in
+                                demo_pretrain_passages(train_rows, {p["module"] for p in test_rows})]}
     for name, rows in files.items():
         with atomic_path(out / name) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     n_mod = len({p["module"] for p in train_rows}), len({p["module"] for p in test_rows})
     click.echo(f"wrote {out}/train.jsonl ({len(train_rows):,} pairs, {n_mod[0]} modules), test.jsonl "
-               f"({len(test_rows):,} pairs, {n_mod[1]} held-out modules), docs.jsonl ({len(train_rows):,} texts)")
+               f"({len(test_rows):,} pairs, {n_mod[1]} held-out modules), docs.jsonl ({len(train_rows):,} texts), "
+               f"pretrain.jsonl ({len(files['pretrain.jsonl']):,} passages)")
 
 
 class _PairRows:

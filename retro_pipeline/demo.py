@@ -161,6 +161,43 @@ def _collect_query_pairs(min_doc_chars: int, max_doc_chars: int) -> list[dict]:
     return out
 
 
+def demo_pretrain_passages(train_pairs: list[dict], held_out_modules, words: int = 80,
+                           min_words: int = 10) -> list[str]:
+    """Unlabelled text for pre-training (RetroMAE, RetroAR, MLM) on every machine, none of it from the held-out
+    modules: the pydoc topics, the training documents (``train_pairs``' ``pos``) and the source files of the
+    standard library (sorted by path; tests, idlelib and site-packages left out), cut into passages of
+    ``words`` whitespace-separated words (shorter tails under ``min_words`` dropped). A held-out module's
+    file is left out, and a held-out package's whole directory."""
+    from pydoc_data.topics import topics
+
+    held_files, held_dirs = set(), set()
+    for modname in held_out_modules:
+        spec = importlib.util.find_spec(modname)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        origin = Path(spec.origin).resolve()
+        held_files.add(origin)
+        if origin.name == "__init__.py":
+            held_dirs.add(origin.parent)
+    lib = Path(os.__file__).resolve().parent
+    files = []
+    for f in sorted(lib.rglob("*.py")):
+        rel = f.relative_to(lib).parts
+        if rel[0] in ("site-packages", "dist-packages", "idlelib") or any(p in ("test", "tests") for p in rel[:-1]):
+            continue
+        rf = f.resolve()
+        if rf in held_files or any(d in rf.parents for d in held_dirs):
+            continue
+        files.append(f)
+    texts = [topics[name] for name in sorted(topics)] + [p["pos"] for p in train_pairs]
+    texts += [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    passages = []
+    for text in texts:
+        w = text.split()
+        passages += [" ".join(w[i:i + words]) for i in range(0, len(w), words) if len(w[i:i + words]) >= min_words]
+    return passages
+
+
 def _valid(prefix: str, n_docs: int) -> bool:
     from retro_pipeline.corpus import IndexedDataset
     from retro_pipeline.errors import RetroError
