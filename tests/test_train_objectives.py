@@ -480,6 +480,37 @@ def test_mlm_config_dict_modernbert_and_errors(bert_dir, gpt_tokenizer_path, tmp
         _task("mlm", model_config={"model_type": "bert", **TINY})
 
 
+def test_retromae_and_retroar_from_a_random_init(bert_dir, cls_bert_dir, tmp_path):
+    """--model-config + --tokenizer start RetroMAE / RetroAR from a random-init encoder, saved with cls pooling;
+    a tokenizer that puts no [CLS] first is a clear error."""
+    from tokenizers import Tokenizer
+
+    n_tok = Tokenizer.from_file(f"{cls_bert_dir}/tokenizer.json").get_vocab_size(with_added_tokens=True)
+    for name in ("retromae", "retroar"):
+        task = _task(name, model_config={"model_type": "bert", **TINY}, tokenizer=cls_bert_dir)
+        module, losses = _train(task, 30, lr=3e-3, rows=_rows(task) * 2)
+        assert type(module.encoder.model).__name__ == "BertModel"
+        assert module.encoder.model.config.vocab_size == n_tok and module.encoder.pooling == "cls"
+        assert module.encoder.max_length == 32                          # max_length 32 < 64 positions
+        assert losses[-1] < 0.6 * losses[0], losses
+        _check_saved(task, module, tmp_path / name)
+    with pytest.raises(UserError, match="does not start a text with a special token"):
+        _task("retromae", model_config={"model_type": "bert", **TINY}, tokenizer=bert_dir).build("cpu")
+
+
+def test_model_config_options_are_checked(bert_dir):
+    cfg = {"model_type": "bert", **TINY}
+    for name in ("contrastive", "custom"):                              # they start from trained encoders
+        with pytest.raises(UserError, match=f"task {name} starts from a trained encoder"):
+            _task(name, model_config=cfg, tokenizer=bert_dir, document_model=bert_dir)
+    with pytest.raises(UserError, match="--tokenizer .* goes with --model-config"):
+        _task("retromae", tokenizer=bert_dir)                           # would be ignored: the model's own is used
+    with pytest.raises(UserError, match="both --model .* and --model-config"):
+        _task("mlm", model=bert_dir, model_config=cfg, tokenizer=bert_dir)
+    with pytest.raises(UserError, match="task retroar builds a new encoder from model_config and needs its tokenizer"):
+        _task("retroar", model_config=cfg)
+
+
 def test_mlm_sentencepiece_tokenizer_file(tmp_path):
     """train-tokenizer's sentencepiece kind (<unk> <s> </s>) has no mask token: a clear error; the same kind
     with <pad> and <mask> loads from its tokenizer.json with those special tokens found by name."""

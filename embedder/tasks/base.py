@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from embedder.errors import UserError
+
 
 @dataclass
 class TaskOptions:
@@ -24,8 +26,8 @@ class TaskOptions:
     in ``extra``."""
 
     model: str | None = None                  # encoder to start from: a directory or hub id (None: packaged MiniLM)
-    model_config: str | None = None           # mlm: a config.json (or directory) to build a random-init encoder from
-    tokenizer: str | None = None              # mlm: tokenizer directory / tokenizer.json (train-tokenizer output)
+    model_config: str | None = None           # mlm/retromae/retroar: a config.json (or directory): a random-init encoder
+    tokenizer: str | None = None              # with model_config: tokenizer directory / tokenizer.json (train-tokenizer)
     document_model: str | None = None         # custom: the separate document encoder
     pooling: str | None = None                # the saved encoder's pooling (None: the model's own, else mean)
     max_length: int = 128                     # tokens per text
@@ -41,14 +43,33 @@ class TaskOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+FROM_CONFIG = ("mlm", "retromae", "retroar")   # the tasks whose from_config is True
+
+
 class Task:
     """Base class of a training objective. Subclasses set ``name`` and ``row_kind`` and implement the rest."""
 
     name: str = ""
     row_kind: str = "text"   # "text" (pre-training rows: text) or "pairs" (query + positive [+ neg])
+    from_config = False      # whether options.model_config + options.tokenizer can build a random-init encoder
 
     def __init__(self, options: TaskOptions):
         self.options = options
+        if options.model_config is not None or options.tokenizer:
+            if not self.from_config:
+                raise UserError(f"task {self.name} starts from a trained encoder (--model); --model-config and "
+                                f"--tokenizer build a random-init encoder for tasks {', '.join(FROM_CONFIG)} only")
+            if options.model_config is not None and options.model is not None:
+                raise UserError(f"task {self.name}: both --model ({options.model}) and --model-config "
+                                f"({options.model_config}) given; pass --model to continue from a trained encoder, "
+                                f"or --model-config with --tokenizer to start from a random init")
+            if options.model_config is None:
+                raise UserError(f"--tokenizer {options.tokenizer} goes with --model-config (a new encoder built "
+                                f"from a config); without one, task {self.name} uses the tokenizer of --model")
+            if not options.tokenizer:
+                raise UserError(f"task {self.name} builds a new encoder from model_config and needs its tokenizer: "
+                                f"pass tokenizer (--tokenizer), a directory or tokenizer.json from retro-pipeline "
+                                f"train-tokenizer --kind wordpiece")
 
     # ---- model
     def build(self, device) -> "Any":

@@ -76,6 +76,7 @@ class CustomTask(RetroMAETask):
     ``mask_ratio``, ``decoder_mask_ratio``, ``max_length``."""
 
     name = "custom"
+    from_config = False      # the main model and the document encoder are both trained encoders
 
     def __init__(self, options: TaskOptions):
         super().__init__(options)

@@ -141,6 +141,32 @@ def build_config(spec, tokenizer):
         raise UserError(f"{where}: cannot build a {model_type!r} config ({_first_line(e)})") from None
 
 
+def scratch_tokenizer(options: TaskOptions):
+    """(tokenizer, max_length, config) of a random-init encoder: ``options.tokenizer`` (which must have a mask
+    token) and ``options.model_config`` fitted to it (:func:`build_config`); max_length is
+    ``options.max_length`` capped at the config's ``max_position_embeddings``."""
+    tokenizer = load_tokenizer(options.tokenizer)
+    need_mask_token(tokenizer, f"'{options.tokenizer}'")
+    config = build_config(options.model_config, tokenizer)
+    positions = getattr(config, "max_position_embeddings", None)
+    limit = min(x for x in (options.max_length, positions) if x is not None)
+    tokenizer.model_max_length = limit
+    return tokenizer, int(limit), config
+
+
+def scratch_model(config, options: TaskOptions):
+    """A random-init base model (``AutoModel``) of ``config``, seeded by the caller's torch RNG."""
+    from transformers import AutoModel
+
+    from embedder.encoder import _first_line
+
+    try:
+        return AutoModel.from_config(config)
+    except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as e:
+        raise UserError(f"cannot build a {config.model_type!r} encoder from model_config "
+                        f"'{options.model_config}' ({_first_line(e)})") from None
+
+
 class MLMModel(nn.Module):
     """``encoder`` (an :class:`embedder.Encoder`) + its masked-LM ``head``; ``forward(**batch)`` ->
     (loss, loss, 0): the loss is the encoder's MLM loss, and there is no decoder."""
@@ -163,12 +189,10 @@ class MLMTask(MaskedTextTask):
     name = "mlm"
     ratio_option = "mlm_probability"
 
+    from_config = True
+
     def __init__(self, options: TaskOptions):
         super().__init__(options)
-        if options.model_config is not None and not options.tokenizer:
-            raise UserError("task mlm builds a new encoder from model_config and needs its tokenizer: pass "
-                            "tokenizer (--tokenizer), a directory or tokenizer.json from retro-pipeline "
-                            "train-tokenizer --kind wordpiece")
         self._config = None
 
     def _load_tokenizer(self):
@@ -177,19 +201,11 @@ class MLMTask(MaskedTextTask):
             tokenizer, limit = encoder_tokenizer(o.model)
             need_mask_token(tokenizer, f"'{o.model}'")
             return tokenizer, limit
-        tokenizer = load_tokenizer(o.tokenizer)
-        need_mask_token(tokenizer, f"'{o.tokenizer}'")
-        config = build_config(o.model_config, tokenizer)
-        positions = getattr(config, "max_position_embeddings", None)
-        limit = min(x for x in (o.max_length, positions) if x is not None)
-        tokenizer.model_max_length = limit
-        self._config = config
-        return tokenizer, int(limit)
+        tokenizer, limit, self._config = scratch_tokenizer(o)
+        return tokenizer, limit
 
     def build(self, device) -> MLMModel:
-        from transformers import AutoModel
-
-        from embedder.encoder import Encoder, _first_line
+        from embedder.encoder import Encoder
         from embedder.settings import resolve_model
 
         o = self.options
@@ -200,11 +216,7 @@ class MLMTask(MaskedTextTask):
             head = mlm_head(encoder.model, resolve_model(o.model, "embedder"))
             return MLMModel(encoder, head).to(device).train()
         tokenizer, limit = self.tokenizer_and_limit()
-        try:
-            base = AutoModel.from_config(self._config)
-        except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as e:
-            raise UserError(f"cannot build a {self._config.model_type!r} encoder from model_config "
-                            f"'{o.model_config}' ({_first_line(e)})") from None
+        base = scratch_model(self._config, o)
         head = mlm_head(base)
         encoder = Encoder(base, tokenizer, pooling=o.pooling or "mean", normalize=False, max_length=limit)
         return MLMModel(encoder, head).to(device).train()

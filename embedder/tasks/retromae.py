@@ -425,6 +425,7 @@ class RetroMAETask(MaskedTextTask):
     name = "retromae"
 
     uses_decoder_mask = True
+    from_config = True       # model_config + tokenizer: pre-train a random-init encoder
 
     def __init__(self, options: TaskOptions):
         super().__init__(options)
@@ -435,16 +436,30 @@ class RetroMAETask(MaskedTextTask):
                             f"{options.pooling!r}")
 
     def _load_tokenizer(self):
+        if self.options.model_config is not None:
+            from embedder.tasks.mlm import scratch_tokenizer
+
+            tokenizer, limit, self._config = scratch_tokenizer(self.options)
+            need_leading_special(tokenizer, f"'{self.options.tokenizer}'")
+            return tokenizer, limit
         tokenizer, limit = encoder_tokenizer(self.options.model)
         need_mask_token(tokenizer, f"'{self.options.model}'")
         need_leading_special(tokenizer, f"'{self.options.model}'")
         return tokenizer, limit
 
     def load_encoder(self, device):
-        """The encoder (pooling cls) and its MLM head."""
+        """The encoder (pooling cls) and its MLM head: loaded from ``model``, or built with random weights
+        from ``model_config`` and ``tokenizer``."""
         from embedder.encoder import Encoder
         from embedder.settings import resolve_model
 
+        if self.options.model_config is not None:
+            from embedder.tasks.mlm import scratch_model
+
+            tokenizer, limit = self.tokenizer_and_limit()
+            base = scratch_model(self._config, self.options)
+            encoder = Encoder(base, tokenizer, pooling="cls", normalize=False, max_length=limit).to(device)
+            return encoder, mlm_head(base)
         encoder = Encoder.load(self.options.model, pooling="cls", device=device)
         where = f"'{self.options.model}'"
         need_mask_token(encoder.tokenizer, where)
