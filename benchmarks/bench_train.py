@@ -174,7 +174,8 @@ def main() -> None:
                          key=lambda n: results[n]["mrr@10"])
         worst_pre = min((n for n in results if n.startswith("random BERT + RetroMAE + contrastive")),
                         key=lambda n: results[n]["mrr@10"])
-        pairs_to_compare.append((best_alone, worst_pre))   # the best contrastive-alone run vs the worst RetroMAE one
+        if (best_alone, worst_pre) not in pairs_to_compare:   # the best contrastive-alone run vs the worst RetroMAE one
+            pairs_to_compare.append((best_alone, worst_pre))
 
     print(f"\n{'model (contrastive N: N fine-tuning steps)':50s} {'MRR@10':>7s} {'R@1':>6s} {'R@10':>6s} {'nDCG@10':>8s} {'train s':>8s}")
     for name, m in results.items():
