@@ -166,7 +166,10 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tiny_bert_dir, pairs_file):
     a, b = _weights(big["output_dir"]), _weights(acc["output_dir"])
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= 1e-6, worst
+    # one AdamW step moves a weight by up to lr (1e-3) whatever its gradient's size, so float32 summation order
+    # (batched vs accumulated, and torch's threaded reductions run to run) shows on near-zero gradients: up to
+    # 2.5e-6 measured. 1% of a step: an accumulation that dropped or mis-weighted a micro-batch moves ~lr.
+    assert worst <= 1e-5, worst
     start = _weights_start(tiny_bert_dir)
     assert any(not torch.equal(a[k], start[k]) for k in a)  # it did train
     assert _losses(big["output_dir"])[0]["loss"] == pytest.approx(_losses(acc["output_dir"])[0]["loss"], rel=1e-5)
