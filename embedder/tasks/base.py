@@ -43,9 +43,6 @@ class TaskOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-FROM_CONFIG = ("mlm", "retromae", "retroar")   # the tasks whose from_config is True
-
-
 class Task:
     """Base class of a training objective. Subclasses set ``name`` and ``row_kind`` and implement the rest."""
 
@@ -57,8 +54,11 @@ class Task:
         self.options = options
         if options.model_config is not None or options.tokenizer:
             if not self.from_config:
+                from embedder.tasks import TASK_MODULES, get_task
+
+                able = [n for n in TASK_MODULES if get_task(n).from_config]
                 raise UserError(f"task {self.name} starts from a trained encoder (--model); --model-config and "
-                                f"--tokenizer build a random-init encoder for tasks {', '.join(FROM_CONFIG)} only")
+                                f"--tokenizer build a random-init encoder for tasks {', '.join(able)} only")
             if options.model_config is not None and options.model is not None:
                 raise UserError(f"task {self.name}: both --model ({options.model}) and --model-config "
                                 f"({options.model_config}) given; pass --model to continue from a trained encoder, "

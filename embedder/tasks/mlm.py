@@ -191,10 +191,6 @@ class MLMTask(MaskedTextTask):
 
     from_config = True
 
-    def __init__(self, options: TaskOptions):
-        super().__init__(options)
-        self._config = None
-
     def _load_tokenizer(self):
         o = self.options
         if o.model_config is None:

@@ -396,6 +396,7 @@ class MaskedTextTask(Task):
             raise UserError(f"max_length={options.max_length!r} must be an integer of at least 2")
         self._tokenizer = None
         self._limit: int | None = None
+        self._config = None      # with model_config: the transformers config the random init is built from
 
     def check_row(self, row: dict, where: str) -> dict:
         return text_row(row, where)
@@ -458,8 +459,7 @@ class RetroMAETask(MaskedTextTask):
 
             tokenizer, limit = self.tokenizer_and_limit()
             base = scratch_model(self._config, self.options)
-            encoder = Encoder(base, tokenizer, pooling="cls", normalize=False, max_length=limit).to(device)
-            return encoder, mlm_head(base)
+            return Encoder(base, tokenizer, pooling="cls", normalize=False, max_length=limit), mlm_head(base)
         encoder = Encoder.load(self.options.model, pooling="cls", device=device)
         where = f"'{self.options.model}'"
         need_mask_token(encoder.tokenizer, where)
