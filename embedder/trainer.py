@@ -324,15 +324,30 @@ def save_checkpoint(cfg: TrainConfig, step: int, module, optimizer, scheduler, s
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:
             json.dump({"step": step, "task": cfg.task_name(), "batch_size": cfg.batch_size, "seed": cfg.seed,
                        "grad_accum": cfg.grad_accum, "num_workers": cfg.num_workers, "max_steps": cfg.max_steps,
-                       "train_file": os.path.abspath(cfg.train_file), "time": time.time()}, f, indent=2)
+                       "train_file": os.path.abspath(cfg.train_file), **_model_spec(cfg), "time": time.time()},
+                      f, indent=2)
     if cfg.keep_checkpoints:
         for _, old in list_checkpoints(cfg.output_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def _model_spec(cfg: TrainConfig) -> dict:
+    """What the trained model is built from (checkpoint meta; a resume must name the same): local paths made
+    absolute, hub ids and None as given."""
+    spec = {}
+    for key in ("model", "model_config", "tokenizer", "document_model"):
+        value = getattr(cfg.options, key)
+        if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
+            value = os.path.abspath(os.path.expanduser(value))
+        if isinstance(value, (str, type(None))):
+            spec[key] = value
+    return spec
+
+
 def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int) -> None:
-    for key, now in (("task", cfg.task_name()), ("batch_size", cfg.batch_size), ("seed", cfg.seed)):
+    spec = [(k, v) for k, v in _model_spec(cfg).items() if k in meta]   # older checkpoints lack these keys
+    for key, now in [("task", cfg.task_name()), ("batch_size", cfg.batch_size), ("seed", cfg.seed)] + spec:
         if meta.get(key) != now:
             raise UserError(f"--resume {where}: that checkpoint was written with {key}={meta.get(key)!r}, this run "
                             f"has {key}={now!r}; resume with the same settings or start a new --output-dir")
@@ -442,7 +457,12 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             meta = json.load(f)
         _check_resumable(cfg, meta, resumed, max_steps)
         state = torch.load(resumed / STATE_FILE, map_location="cpu", weights_only=True)
-        module.load_state_dict(state["model"])
+        try:
+            module.load_state_dict(state["model"])
+        except RuntimeError as e:  # a model of another shape than the checkpoint's (its files changed)
+            raise UserError(f"--resume {resumed}: the checkpoint's weights do not fit the model this run builds "
+                            f"({str(e).strip().splitlines()[-1].strip()}); resume with the model the run started "
+                            f"from, or start a new --output-dir") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):

@@ -228,6 +228,25 @@ def test_epochs_keep_checkpoints_and_resume_checks(tmp_path, tiny_bert_dir, pair
     assert again["resumed_from"] == step3 and [r["step"] for r in _losses(again["output_dir"])] == [1, 2, 3, 4]
 
 
+def test_resume_refuses_another_model(tmp_path, tiny_bert_dir, pairs_file):
+    """A resume must build the model the checkpoint was trained from: another --model is refused by name, and
+    the same path whose model files changed shape is a one-line error, not a state-dict traceback."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_bert_dir, model)
+    kw = dict(batch_size=8, max_steps=4, stop_after=2)
+    train(_cfg(tmp_path, "run", str(model), pairs_file, **kw))
+    with pytest.raises(UserError, match=r"written with model='.*m', this run has model='.*tiny_bert"):
+        train(_cfg(tmp_path, "run", tiny_bert_dir, pairs_file, resume="latest", **kw))
+    cfg = json.load(open(model / "config.json"))
+    BertModel(BertConfig(**{**cfg, "hidden_size": 48, "intermediate_size": 96})).save_pretrained(model)
+    with pytest.raises(UserError, match=r"checkpoint's weights do not fit the model this run builds \(size mismatch"):
+        train(_cfg(tmp_path, "run", str(model), pairs_file, resume="latest", **kw))
+
+
 # ---------------------------------------------------------------------- 2 Ray Train workers vs 1
 
 RTOL = 1e-4  # per-step losses of 2 workers vs 1, same global batch (measured ~1e-7)
