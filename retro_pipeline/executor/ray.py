@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from collections import defaultdict, deque
@@ -28,6 +29,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
     """Return the ``ray`` module, connected: reuse a running session, join ``address`` (or ``RAY_ADDRESS``, as
     set inside a `ray job submit` job), or start a new local Ray."""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        _drop_kill_noise()
         return sys.modules["ray"]
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -38,20 +40,55 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray = require("ray", "ray")
     if ray.is_initialized():
+        _drop_kill_noise()
         return ray
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": True,
                           "logging_level": "warning"}
     with _keep_sigterm_handler():
         if not address:  # "local": never attach to whatever cluster this machine last ran
             ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
-            return ray
-        try:
-            ray.init(address=address, **kw)
-        except ConnectionError as e:
-            raise RetroError(f"--address {address}: cannot connect to a Ray cluster ({e}); check the address "
-                             f"(auto, host:port or ray://host:port) and, for a cluster with token authentication, "
-                             f"RAY_AUTH_TOKEN; or leave --address out to run locally") from None
+        else:
+            try:
+                ray.init(address=address, **kw)
+            except ConnectionError as e:
+                raise RetroError(f"--address {address}: cannot connect to a Ray cluster ({e}); check the address "
+                                 f"(auto, host:port or ray://host:port) and, for a cluster with token "
+                                 f"authentication, RAY_AUTH_TOKEN; or leave --address out to run locally") from None
+    _drop_kill_noise()
     return ray
+
+
+# The GCS logs an error when it kills an actor whose worker process is already going (the executor kills its
+# pool after every stage, also after a failed one): harmless, and forwarded to the driver it would land under
+# our own one-line error.
+_KILL_NOISE = re.compile(r"Failed to kill actor|KillActor RPC failed")
+
+
+def _drop_kill_noise() -> None:
+    """Wrap Ray's handler that prints forwarded worker/system log lines so that it skips the GCS's lines
+    about killing actors; every other line (worker output, raylet errors) is printed as before."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray layout: print as Ray does
+        return
+
+    def wrap(handler):
+        if getattr(handler, "_drops_kill_noise", False):
+            return handler
+
+        def filtered(data):
+            if data.get("pid") == "gcs_server":
+                lines = [ln for ln in data.get("lines", ()) if not _KILL_NOISE.search(ln)]
+                if not lines:
+                    return
+                data = {**data, "lines": lines}
+            handler(data)
+
+        filtered._drops_kill_noise = True
+        return filtered
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(n, wrap(h) if n == "ray_print_logs" else h) for n, h in dispatcher.handlers]
 
 
 @contextlib.contextmanager
