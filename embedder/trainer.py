@@ -311,7 +311,8 @@ def _json_safe(obj):
     return obj
 
 
-def save_checkpoint(cfg: TrainConfig, step: int, module, optimizer, scheduler, scaler, sampler) -> Path:
+def save_checkpoint(cfg: TrainConfig, step: int, module, optimizer, scheduler, scaler, sampler,
+                    inputs: dict | None = None) -> Path:
     import torch
 
     target = checkpoint_dir(cfg.output_dir, step)
@@ -324,7 +325,8 @@ def save_checkpoint(cfg: TrainConfig, step: int, module, optimizer, scheduler, s
         with open(tmp / META_FILE, "w", encoding="utf-8") as f:
             json.dump({"step": step, "task": cfg.task_name(), "batch_size": cfg.batch_size, "seed": cfg.seed,
                        "grad_accum": cfg.grad_accum, "num_workers": cfg.num_workers, "max_steps": cfg.max_steps,
-                       "train_file": os.path.abspath(cfg.train_file), **_model_spec(cfg), "time": time.time()},
+                       "train_file": os.path.abspath(cfg.train_file), **_model_spec(cfg),
+                       "inputs": inputs if inputs is not None else input_digests(cfg), "time": time.time()},
                       f, indent=2)
     if cfg.keep_checkpoints:
         for _, old in list_checkpoints(cfg.output_dir)[:-cfg.keep_checkpoints]:
@@ -345,12 +347,80 @@ def _model_spec(cfg: TrainConfig) -> dict:
     return spec
 
 
-def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int) -> None:
+# Files of a model directory that a resume does not need unchanged: the weights (the checkpoint holds the
+# trained ones; a shape change is caught when they load) and what training itself writes beside a model.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+_HASH_WHOLE = 64 * 1024**2   # files up to this size are hashed whole; larger ones by their size and 3 samples
+_HASH_SAMPLE = 4 * 1024**2
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _HASH_WHOLE:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            for at in (0, size // 2 - _HASH_SAMPLE // 2, size - _HASH_SAMPLE):
+                f.seek(at)
+                h.update(f.read(_HASH_SAMPLE))
+    return h.hexdigest()
+
+
+def _model_files(directory: Path) -> list[Path]:
+    """A model directory's files that define the model besides its weights (config, tokenizer, pooling)."""
+    skip = {CHECKPOINTS, LOSS_LOG, TRAINING_ARGS, MODEL_MANIFEST}
+    out = []
+    for q in sorted(directory.rglob("*")):
+        rel = q.relative_to(directory).parts
+        if q.is_file() and rel[0] not in skip and not any(p.startswith(".") for p in rel) \
+                and not q.name.endswith(_WEIGHT_SUFFIXES):
+            out.append(q)
+    return out
+
+
+def input_digests(cfg: TrainConfig) -> dict[str, str]:
+    """Content digests of what a run reads (checkpoint meta; a resume refuses when one changed): the training
+    file, and each local --model / --model-config / --tokenizer / --document-model but for model weights.
+    Hub ids are pinned by their id (:func:`_model_spec`)."""
+    out = {"train_file": _file_digest(Path(cfg.train_file))}
+    for key in ("model", "model_config", "tokenizer", "document_model"):
+        value = getattr(cfg.options, key)
+        p = Path(os.path.expanduser(value)) if isinstance(value, str) else None
+        if p is not None and p.is_file():
+            out[key] = _file_digest(p)
+        elif p is not None and p.is_dir():
+            import hashlib
+
+            h = hashlib.sha256()
+            for q in _model_files(p):
+                h.update(f"{q.relative_to(p).as_posix()}\0{_file_digest(q)}\0".encode())
+            out[key] = h.hexdigest()
+    return out
+
+
+_OPTION_NAMES = {"train_file": "--train-file", "model": "--model", "model_config": "--model-config",
+                 "tokenizer": "--tokenizer", "document_model": "--document-model"}
+
+
+def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int,
+                     inputs: dict[str, str] | None = None) -> None:
     spec = [(k, v) for k, v in _model_spec(cfg).items() if k in meta]   # older checkpoints lack these keys
+    spec += [("train_file", os.path.abspath(cfg.train_file))] if "train_file" in meta else []
     for key, now in [("task", cfg.task_name()), ("batch_size", cfg.batch_size), ("seed", cfg.seed)] + spec:
         if meta.get(key) != now:
             raise UserError(f"--resume {where}: that checkpoint was written with {key}={meta.get(key)!r}, this run "
                             f"has {key}={now!r}; resume with the same settings or start a new --output-dir")
+    inputs = input_digests(cfg) if inputs is None else inputs
+    for key, then in (meta.get("inputs") or {}).items():
+        if inputs.get(key) != then:
+            what = "file" if key in ("train_file", "model_config") else "files"
+            raise UserError(f"--resume {where}: {_OPTION_NAMES.get(key, key)} {meta.get(key) or ''}: its {what} "
+                            f"changed since that checkpoint was written (content digest differs); resume with the "
+                            f"inputs the run started from, or start a new --output-dir")
     for key in ("grad_accum", "num_workers"):
         if meta.get(key) != getattr(cfg, key):
             log.warning("--resume %s: %s was %s, now %s: the run goes on, but not exactly as it would have",
@@ -427,6 +497,7 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     main = rank == 0
     torch.manual_seed(_step_seed(cfg.seed, 0, rank))
     task = task_class(cfg.task)(cfg.options)
+    inputs = input_digests(cfg)   # before the rows are read: what this run trains on, as its checkpoints say
     rows = read_rows(cfg.train_file, task)
     sampler = make_sampler(task, rows, cfg.batch_size, cfg.seed)
     per_epoch = len(sampler)
@@ -455,7 +526,7 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     if resumed is not None:
         with open(resumed / META_FILE, encoding="utf-8") as f:
             meta = json.load(f)
-        _check_resumable(cfg, meta, resumed, max_steps)
+        _check_resumable(cfg, meta, resumed, max_steps, inputs)
         state = torch.load(resumed / STATE_FILE, map_location="cpu", weights_only=True)
         try:
             module.load_state_dict(state["model"])
@@ -554,7 +625,7 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if cfg.save_every and step % cfg.save_every == 0 or step == stop:
                 if main and (cfg.save_every or step < max_steps):
-                    saved.append(str(save_checkpoint(cfg, step, module, optimizer, scheduler, scaler, sampler)))
+                    saved.append(str(save_checkpoint(cfg, step, module, optimizer, scheduler, scaler, sampler, inputs)))
                 if world > 1:
                     import torch.distributed as dist
 

@@ -236,13 +236,14 @@ def demo_pairs_command(output_dir, test_share, seed):
     Python standard library (a function's name and signature -> its docstring), split by module.
 
     \b
-    Writes (each atomically) into OUTPUT_DIR:
+    Writes (all four written first, then moved into place) into OUTPUT_DIR:
       train.jsonl  {"query", "pos"} pairs of the training modules (train --task contrastive)
       test.jsonl   the same for the held-out modules (evaluate --eval-file)
       docs.jsonl   {"text"}: the training documents (train --task retromae / retroar / mlm)
       pretrain.jsonl {"text"}: 80-word passages of more text for pre-training: the pydoc topics, the
                    training documents and the standard library's source files, none from a held-out module
     """
+    import contextlib
     import json
     from pathlib import Path
 
@@ -261,8 +262,9 @@ def demo_pairs_command(output_dir, test_share, seed):
              "docs.jsonl": [{"text": p["pos"]} for p in train_rows],
              "pretrain.jsonl": [{"text": t} for t in
                                 demo_pretrain_passages(train_rows, {p["module"] for p in test_rows})]}
-    for name, rows in files.items():
-        with atomic_path(out / name) as tmp:
+    with contextlib.ExitStack() as stack:  # every file written first, then all moved into place together
+        for name, rows in files.items():
+            tmp = stack.enter_context(atomic_path(out / name))
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     n_mod = len({p["module"] for p in train_rows}), len({p["module"] for p in test_rows})

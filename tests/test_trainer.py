@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from embedder.errors import UserError
 from embedder.tasks.base import Task, TaskOptions
-from embedder.trainer import CHECKPOINTS, LOSS_LOG, TRAINING_ARGS, TrainConfig, linear_warmup_decay, train
+from embedder.trainer import (CHECKPOINTS, LOSS_LOG, META_FILE, TRAINING_ARGS, TrainConfig, linear_warmup_decay,
+                              list_checkpoints, train)
 from retro_pipeline.cli import cli
 
 
@@ -243,8 +244,52 @@ def test_resume_refuses_another_model(tmp_path, tiny_bert_dir, pairs_file):
         train(_cfg(tmp_path, "run", tiny_bert_dir, pairs_file, resume="latest", **kw))
     cfg = json.load(open(model / "config.json"))
     BertModel(BertConfig(**{**cfg, "hidden_size": 48, "intermediate_size": 96})).save_pretrained(model)
+    with pytest.raises(UserError, match=r"--model .*m: its files changed since that checkpoint was written"):
+        train(_cfg(tmp_path, "run", str(model), pairs_file, resume="latest", **kw))
+    # a checkpoint without content digests (as older ones are): the changed shape is still a one-line error
+    (_, ckpt), = list_checkpoints(str(tmp_path / "run"))
+    meta = json.loads((ckpt / META_FILE).read_text())
+    del meta["inputs"]
+    (ckpt / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"checkpoint's weights do not fit the model this run builds \(size mismatch"):
         train(_cfg(tmp_path, "run", str(model), pairs_file, resume="latest", **kw))
+
+
+def test_resume_refuses_changed_training_data_and_tokenizer_files(tmp_path, tiny_bert_dir, pairs_file):
+    """Same paths, other contents: a resume would go on with other rows (or another vocabulary) than the run
+    it continues, so it is refused naming the option; unchanged inputs resume, and the weights alone may
+    differ (the checkpoint holds the trained ones)."""
+    import shutil
+
+    model, data = tmp_path / "m", tmp_path / "data" / "pairs.jsonl"
+    shutil.copytree(tiny_bert_dir, model)
+    data.parent.mkdir()
+    shutil.copy(pairs_file, data)
+    kw = dict(batch_size=8, max_steps=4, stop_after=2)
+    train(_cfg(tmp_path, "run", str(model), str(data), **kw))
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join(rows[1:] + rows[:1]) + "\n")          # same rows and size, another order
+    with pytest.raises(UserError, match=r"--train-file .*pairs.jsonl: its file changed since that checkpoint"):
+        train(_cfg(tmp_path, "run", str(model), str(data), resume="latest", **kw))
+    other = tmp_path / "data" / "other.jsonl"
+    shutil.copy(pairs_file, other)
+    with pytest.raises(UserError, match=r"written with train_file='.*pairs.jsonl', this run has train_file='.*other"):
+        train(_cfg(tmp_path, "run", str(model), str(other), resume="latest", **kw))
+    shutil.copy(pairs_file, data)
+    tok_file = model / "tokenizer.json"
+    original = tok_file.read_bytes()
+    tok = json.loads(original)
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]                           # two token ids swapped: same sizes
+    tok_file.write_text(json.dumps(tok))
+    with pytest.raises(UserError, match=r"--model .*m: its files changed since that checkpoint was written"):
+        train(_cfg(tmp_path, "run", str(model), str(data), resume="latest", **kw))
+    tok_file.write_bytes(original)
+    weights = next(p for p in model.iterdir() if p.name.endswith((".safetensors", ".bin")))
+    os.utime(weights)                                                  # touched weights alone: still resumable
+    done = train(_cfg(tmp_path, "run", str(model), str(data), resume="latest", batch_size=8, max_steps=4))
+    assert done["finished"] and done["step"] == 4, done
 
 
 # ---------------------------------------------------------------------- 2 Ray Train workers vs 1
