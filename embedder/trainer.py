@@ -488,6 +488,20 @@ def _param_groups(module, params, weight_decay: float) -> list[dict]:
 # ====================================================================== the loop
 
 
+@contextlib.contextmanager
+def _no_load_bars():
+    """No transformers "Loading weights" bar (a second's bar per worker, above the training bar)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     """One worker's loop (the only one when world == 1); returns the summary on rank 0."""
     import torch
@@ -511,7 +525,14 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     precision = _resolve_precision(cfg.precision, device)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
-    module = task.build(device)
+    resumed = resolve_resume(cfg)
+    if resumed is not None:  # checked before the model loads: a refused resume fails in a moment
+        with open(resumed / META_FILE, encoding="utf-8") as f:
+            meta = json.load(f)
+        _check_resumable(cfg, meta, resumed, max_steps, inputs)
+
+    with _no_load_bars():
+        module = task.build(device)
     module.to(device)
     module.train()
     params = [p for p in task.trainable(module)]
@@ -522,11 +543,7 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     start = 0
-    resumed = resolve_resume(cfg)
     if resumed is not None:
-        with open(resumed / META_FILE, encoding="utf-8") as f:
-            meta = json.load(f)
-        _check_resumable(cfg, meta, resumed, max_steps, inputs)
         state = torch.load(resumed / STATE_FILE, map_location="cpu", weights_only=True)
         try:
             module.load_state_dict(state["model"])
