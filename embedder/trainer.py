@@ -489,8 +489,9 @@ def _param_groups(module, params, weight_decay: float) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _no_load_bars():
-    """No transformers "Loading weights" bar (a second's bar per worker, above the training bar)."""
+def _no_hf_bars():
+    """No transformers "Loading weights" / "Writing model shards" bars (a second's bar per worker, around the
+    training bar, and there even with --no-progress)."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
@@ -531,7 +532,7 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             meta = json.load(f)
         _check_resumable(cfg, meta, resumed, max_steps, inputs)
 
-    with _no_load_bars():
+    with _no_hf_bars():
         module = task.build(device)
     module.to(device)
     module.train()
@@ -657,7 +658,8 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
 
     finished = stop >= max_steps
     if main and finished:
-        save_model(task, module, cfg.output_dir)
+        with _no_hf_bars():
+            save_model(task, module, cfg.output_dir)
         with atomic_path(out / TRAINING_ARGS) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({**cfg.to_json(), "max_steps_resolved": max_steps, "warmup_steps_resolved": warmup,

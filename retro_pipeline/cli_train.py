@@ -152,7 +152,7 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
         ensure_ray(address)  # fails in seconds on a dead address, follows 'auto', sends this machine's token
     s = train(cfg)
     loss = s.get("final_loss")
-    loss_text = f", last loss {loss:.4f}" if isinstance(loss, float) else ""
+    loss_text = f", last loss {loss:.4g}" if isinstance(loss, float) else ""
     if s.get("finished"):
         click.echo(f"trained {task} for {s['step']} steps ({s['num_workers']} worker(s), {s['device']}, "
                    f"{s['precision']}){loss_text}: encoder saved in {s['output_dir']} "
