@@ -148,7 +148,8 @@ def test_index_build_embeds_each_chunk_once_and_measures_recall_exactly(tmp_path
     # the stored recall equals a brute-force numpy computation on the same queries
     qrows, q = reader.queries()
     assert len(q) == 50 and (qrows[:, 0] == 0).all()  # valid-DB chunks, not in the index
-    d2 = (q ** 2).sum(1)[:, None] - 2 * q @ xb.T + (xb ** 2).sum(1)[None, :]
+    q64, xb64 = q.astype(np.float64), xb.astype(np.float64)
+    d2 = (q64 ** 2).sum(1)[:, None] - 2 * q64 @ xb64.T + (xb64 ** 2).sum(1)[None, :]
     truth = np.argsort(d2, axis=1, kind="stable")[:, :20]
     search = reader.search_params()
     assert search["params"]["nprobe"] in (1, 2, 4, 8) and search["recall@10"] >= 0.95
@@ -156,7 +157,9 @@ def test_index_build_embeds_each_chunk_once_and_measures_recall_exactly(tmp_path
     _, found = index.search(q, 20)
     for k in (10, 20):
         mine = np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)])
-        assert abs(mine - search[f"recall@{k}"]) < 1e-6, (k, mine, search)
+        # at most one neighbor of the 50·k apart: a near-tie at rank k that float32 distances order either way
+        # (seen once in CI: 0.977 vs 0.978 at k=20); a wrong recall is off by far more
+        assert abs(mine - search[f"recall@{k}"]) <= 1 / (len(q) * k) + 1e-9, (k, mine, search)
     assert [r["nprobe"] for r in search["table"]][:1] == [1]  # the whole table, cheapest first
     st = CliRunner().invoke(cli, ["status", "--workdir", str(wd)]).output
     assert "index-add" in st and "nprobe" in st and "recall@10" in st
