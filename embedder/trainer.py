@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ STATE_FILE = "trainer_state.pt"
 SAMPLER_FILE = "sampler.json"
 META_FILE = "meta.json"
 MODEL_MANIFEST = ".model_files.json"   # which entries of output_dir the last final save wrote
+TRAINING_OUTPUTS = {CHECKPOINTS, LOSS_LOG, TRAINING_ARGS, MODEL_MANIFEST}   # beside the model in output_dir
 
 
 @dataclass
@@ -312,7 +314,7 @@ def _json_safe(obj):
 
 
 def save_checkpoint(cfg: TrainConfig, step: int, module, optimizer, scheduler, scaler, sampler,
-                    inputs: dict | None = None) -> Path:
+                    inputs: dict[str, str]) -> Path:
     import torch
 
     target = checkpoint_dir(cfg.output_dir, step)
@@ -326,7 +328,7 @@ def save_checkpoint(cfg: TrainConfig, step: int, module, optimizer, scheduler, s
             json.dump({"step": step, "task": cfg.task_name(), "batch_size": cfg.batch_size, "seed": cfg.seed,
                        "grad_accum": cfg.grad_accum, "num_workers": cfg.num_workers, "max_steps": cfg.max_steps,
                        "train_file": os.path.abspath(cfg.train_file), **_model_spec(cfg),
-                       "inputs": inputs if inputs is not None else input_digests(cfg), "time": time.time()},
+                       "inputs": inputs, "time": time.time()},
                       f, indent=2)
     if cfg.keep_checkpoints:
         for _, old in list_checkpoints(cfg.output_dir)[:-cfg.keep_checkpoints]:
@@ -355,8 +357,6 @@ _HASH_SAMPLE = 4 * 1024**2
 
 
 def _file_digest(path: Path) -> str:
-    import hashlib
-
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -372,11 +372,10 @@ def _file_digest(path: Path) -> str:
 
 def _model_files(directory: Path) -> list[Path]:
     """A model directory's files that define the model besides its weights (config, tokenizer, pooling)."""
-    skip = {CHECKPOINTS, LOSS_LOG, TRAINING_ARGS, MODEL_MANIFEST}
     out = []
     for q in sorted(directory.rglob("*")):
         rel = q.relative_to(directory).parts
-        if q.is_file() and rel[0] not in skip and not any(p.startswith(".") for p in rel) \
+        if q.is_file() and rel[0] not in TRAINING_OUTPUTS and not any(p.startswith(".") for p in rel) \
                 and not q.name.endswith(_WEIGHT_SUFFIXES):
             out.append(q)
     return out
@@ -393,8 +392,6 @@ def input_digests(cfg: TrainConfig) -> dict[str, str]:
         if p is not None and p.is_file():
             out[key] = _file_digest(p)
         elif p is not None and p.is_dir():
-            import hashlib
-
             h = hashlib.sha256()
             for q in _model_files(p):
                 h.update(f"{q.relative_to(p).as_posix()}\0{_file_digest(q)}\0".encode())
@@ -406,15 +403,13 @@ _OPTION_NAMES = {"train_file": "--train-file", "model": "--model", "model_config
                  "tokenizer": "--tokenizer", "document_model": "--document-model"}
 
 
-def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int,
-                     inputs: dict[str, str] | None = None) -> None:
+def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int, inputs: dict[str, str]) -> None:
     spec = [(k, v) for k, v in _model_spec(cfg).items() if k in meta]   # older checkpoints lack these keys
     spec += [("train_file", os.path.abspath(cfg.train_file))] if "train_file" in meta else []
     for key, now in [("task", cfg.task_name()), ("batch_size", cfg.batch_size), ("seed", cfg.seed)] + spec:
         if meta.get(key) != now:
             raise UserError(f"--resume {where}: that checkpoint was written with {key}={meta.get(key)!r}, this run "
                             f"has {key}={now!r}; resume with the same settings or start a new --output-dir")
-    inputs = input_digests(cfg) if inputs is None else inputs
     for key, then in (meta.get("inputs") or {}).items():
         if inputs.get(key) != then:
             what = "file" if key in ("train_file", "model_config") else "files"
@@ -696,11 +691,10 @@ def save_model(task: Task, module, output_dir: str) -> None:
     out = Path(os.path.abspath(output_dir))
     staging = out / f".model.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    keep = {CHECKPOINTS, LOSS_LOG, TRAINING_ARGS, MODEL_MANIFEST}
     try:
         task.save(getattr(module, "module", module), str(staging))
         names = sorted(os.listdir(staging))
-        clash = [n for n in names if n in keep]
+        clash = [n for n in names if n in TRAINING_OUTPUTS]
         if clash:
             raise RuntimeError(f"task.save wrote {clash}, names the trainer keeps for itself")
         previous = []
@@ -711,7 +705,7 @@ def save_model(task: Task, module, output_dir: str) -> None:
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(staging / name, target)
-        for name in set(previous) - set(names) - keep:
+        for name in set(previous) - set(names) - TRAINING_OUTPUTS:
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
