@@ -169,12 +169,18 @@ def cli():
     """
 
 
+# The demo corpus holds ~140 train samples of 2,048 tokens: Megatron's default batch of 256 and 50 evaluation
+# batches would ask 12,800 valid samples of it (its valid split holds 3).
+DEMO_TRAINING = {"global_batch_size": 8, "eval_iters": 1}
+
+
 def _run(stages, kw, demo_ok=False):
     from retro_pipeline.pipeline import run_stages
     from retro_pipeline.workdir import Workdir
 
     workdir, given, run, force = split_options(kw)
-    if demo_ok and "data_path" not in given and not Workdir(workdir).stored().get("data_path"):
+    stored = Workdir(workdir).stored()
+    if demo_ok and "data_path" not in given and not stored.get("data_path"):
         from retro_pipeline.demo import build_demo_corpus
 
         try:
@@ -186,6 +192,10 @@ def _run(stages, kw, demo_ok=False):
                    f"GPT-2 BPE)", err=True)
         given["data_path"] = ["1", str(prefix)]
         given.setdefault("gpt_tokenizer", "gpt2")
+    if demo_ok and str(Workdir(workdir).root / "demo_corpus") in str(given.get("data_path") or stored.get("data_path")):
+        for k, v in DEMO_TRAINING.items():  # Megatron's sample counts sized for a corpus this small
+            if k not in stored:
+                given.setdefault(k, v)
     out = run_stages(workdir, stages, given, run, force=force)
     for name, done in out.items():
         click.echo(f"{name}: done in {done.get('seconds', 0):.1f} s " + _counts(done))

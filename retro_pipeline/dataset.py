@@ -82,9 +82,11 @@ class RetroSamples:
         if not 0 <= i < self.n_samples:
             raise IndexError(f"sample {i} out of range: the {self.split} split has {self.n_samples} samples")
         h = self._state()
-        b = int(np.searchsorted(self._starts, i * self.L, side="right")) - 1  # a sample is in one block
-        c = i * self.L - int(self._starts[b])
-        nb = np.asarray(h["neighbors"][b][c:c + self.L, :self.k], np.int64)  # [L, k]
+        lo, hi = i * self.L, (i + 1) * self.L  # the sample's chunk rows, in one block file or two
+        first = int(np.searchsorted(self._starts, lo, side="right")) - 1
+        last = int(np.searchsorted(self._starts, hi - 1, side="right")) - 1
+        nb = np.concatenate([np.asarray(h["neighbors"][b][max(lo, s) - s:min(hi, e) - s, :self.k], np.int64)
+                             for b, (s, e, _) in zip(range(first, last + 1), self.files[first:last + 1])])  # [L, k]
         chunks, rows = self.continuations(nb, h["db"])
         return {"text": h["samples"].tokens(i, i + 1)[0], "neighbor_chunks": chunks,
                 "neighbor_tokens": self.chunk_tokens(rows, chunks >= 0, h), "neighbor_mask": chunks >= 0}

@@ -49,6 +49,7 @@ class WorkdirReader:
 
     def __init__(self, workdir: "Workdir"):
         self.workdir = workdir
+        self._samples = None
 
     @cached_property
     def config(self) -> "Config":
@@ -191,11 +192,12 @@ class WorkdirReader:
 
     def samples(self, split: str):
         """The pretraining samples of ``split`` that query-neighbors used."""
-        from retro_pipeline.samples import SampleSet
+        from retro_pipeline.samples import split_samples
 
         self._check_split(split)
-        n = self.config.train_samples if split == "train" else self.config.eval_samples
-        return SampleSet(self.workdir, self.config, split, n)
+        if self._samples is None:
+            self._samples = split_samples(self.config)
+        return self._samples[split]
 
     def neighbor_files(self, split: str) -> list[tuple[int, int, Path]]:
         """(first chunk, end chunk, path) of each neighbor block of ``split``, in chunk order; an error unless
@@ -206,9 +208,9 @@ class WorkdirReader:
             raise RetroError(f"{root}: no neighbors yet (query-neighbors has not finished); run 'retro-pipeline "
                              f"query-neighbors --workdir {root}' first")
         dirs = self.workdir.stored().get("retro_neighbor_dirs") or {}
-        if split not in dirs:
-            raise RetroError(f"{root}: the {split} split has no samples, so no neighbors; ask for some with "
-                             f"--{'train' if split == 'train' else 'eval'}-samples and rerun query-neighbors")
+        if not dirs.get(split):
+            raise RetroError(f"{root}: the {split} split has zero width by --split {self.config.split}, so it has no "
+                             f"samples and no neighbors")
         out = []
         for p in (root / "query" / dirs[split]).glob("*.hdf5"):
             s, _, e = p.stem.partition("-")

@@ -330,6 +330,25 @@ class SampleSet:
         return np.stack([corp, doc], axis=1)
 
 
+def asked_counts(cfg, datasets=None) -> tuple[int, int, int]:
+    """Samples Megatron's training asks of train, valid and test for this build's options (``--train-samples``,
+    default one epoch of the train split; ``--eval-interval``, ``--eval-iters``, ``--global-batch-size``)."""
+    train = cfg.train_samples
+    if train is None:
+        train = SampleSet(cfg, "train", 0, datasets).one_epoch()
+    return megatron_sample_counts(train, cfg.eval_interval, cfg.eval_iters, cfg.global_batch_size)
+
+
+def split_samples(cfg, datasets=None) -> dict[str, SampleSet]:
+    """The samples of every split that Megatron's training reads for this build's options."""
+    counts = asked_counts(cfg, datasets)
+    out = {}
+    for name, n in zip(SPLITS, counts):
+        out[name] = SampleSet(cfg, name, n, datasets)
+        datasets = out[name].datasets  # corpora opened once
+    return out
+
+
 def sample_hash(cfg, split: str, n_samples: int) -> str:
     """MD5 over a canonical description of a split's samples, so neighbors never pair with other samples."""
     return hashlib.md5(json.dumps({

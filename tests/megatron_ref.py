@@ -98,3 +98,89 @@ def training_num_samples(args) -> tuple[int, int, int]:
 
 def sample_tokens(dataset, i: int) -> np.ndarray:
     return np.asarray(dataset[i]["text"], dtype=np.int64)
+
+
+def tokenizer_eod(args) -> int:
+    """The EOD id of the GPT tokenizer Megatron-LM's ``build_tokenizer`` makes from these args, for the two
+    types a workdir names: GPT2BPETokenizer (vocab + merges; EOD = ``<|endoftext|>``) and HuggingFaceTokenizer
+    (``AutoTokenizer.from_pretrained(tokenizer_model).eos_token_id``)."""
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        from tokenizers import ByteLevelBPETokenizer
+
+        assert args.vocab_file is not None and args.merge_file is not None
+        ByteLevelBPETokenizer.from_file(args.vocab_file, args.merge_file)  # both files load as a GPT-2 BPE
+        with open(args.vocab_file, encoding="utf-8") as f:
+            return json.load(f)["<|endoftext|>"]
+    assert args.tokenizer_type == "HuggingFaceTokenizer", args.tokenizer_type
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(args.tokenizer_model).eos_token_id
+
+
+CONFIG_KEYS = ("retro_gpt_data_path", "retro_gpt_data_cache_path", "retro_gpt_eval_interval", "retro_gpt_eval_iters",
+               "retro_gpt_global_batch_size", "retro_gpt_seq_length", "retro_gpt_merge_file", "retro_gpt_seed",
+               "retro_gpt_tokenizer_model", "retro_gpt_tokenizer_type", "retro_gpt_train_samples",
+               "retro_gpt_vocab_file", "retro_block_size", "retro_gpt_chunk_length", "retro_neighbor_dirs",
+               "retro_gpt_split", "retro_bert_tokenizer_type", "retro_bert_vocab_file")
+
+
+def megatron_retro_datasets(workdir, split: str, num_neighbors: int):
+    """What Megatron's RETRO training reads from ``workdir``: ``pretrain_retro.py --retro-project-dir workdir
+    --split split --retro-add-retriever --retro-num-neighbors num_neighbors`` (no --data-path), through
+    load_retro_args, Megatron's sample counts, MultiSplitGPTDataset/BlendedDataset and megatron-core's own
+    ``get_retro_datasets``. Returns ((train, valid, test) RetroDatasets, args, sample counts)."""
+    import megatron.core.models.retro.config as retro_config_module
+    from megatron.core.datasets.retro.query.retro_dataset import get_retro_datasets
+    from megatron.core.models.retro import RetroConfig
+
+    # RetroConfig asks Transformer Engine's version, which megatron-core 0.13.1 cannot compare when Transformer
+    # Engine is not installed (None >= Version): without it, it is no TE >= 1.3.
+    from megatron.core.utils import get_te_version
+
+    if get_te_version() is None:
+        retro_config_module.is_te_min_version = lambda *a, **k: False
+
+    args = types.SimpleNamespace(retro_project_dir=str(workdir), data_path=None, split=split)
+    load_retro_args(args)
+    sizes = training_num_samples(args)
+    eod = tokenizer_eod(args)
+    built = gpt_datasets(args.data_path, args.split, args.seed, args.seq_length, sizes, eod=eod,
+                         split_preprocessing=args.retro_split_preprocessing, return_document_ids=False,
+                         cache=args.data_cache_path)
+    config = RetroConfig(num_layers=2, hidden_size=8, num_attention_heads=2, retro_project_dir=str(workdir),
+                         retro_block_size=args.retro_block_size, retro_chunk_length=args.retro_chunk_length,
+                         retro_neighbor_dirs=args.retro_neighbor_dirs, retro_num_neighbors=num_neighbors,
+                         retro_split_preprocessing=args.retro_split_preprocessing)
+    gpt = {"train": (built[0], sizes[0]), "valid": (built[1], sizes[1]), "test": (built[2], sizes[2])}
+    return get_retro_datasets(config=config, gpt_datasets=gpt, sample_length=args.seq_length, eod_token_id=eod), \
+        args, sizes
+
+
+def check_megatron_reads_workdir(workdir, split_arg: str, max_train: int | None = None) -> int:
+    """Megatron's training path on ``workdir`` gives every checked sample our sample's text and the neighbor
+    ids our RetroDataset gives; every config key is there. Returns the number of samples compared."""
+    from retro_pipeline.dataset import RetroDataset
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        stored = json.load(f)
+    missing = [k for k in CONFIG_KEYS if k not in stored]
+    assert not missing, missing
+    k = stored["num_neighbors_save"]
+    theirs, args, sizes = megatron_retro_datasets(workdir, split_arg, k)
+    compared = 0
+    for name, ds, n in zip(("train", "valid", "test"), theirs, sizes):
+        if ds is None:
+            assert stored["retro_neighbor_dirs"][name] is None
+            continue
+        ours = RetroDataset(workdir, name)
+        assert len(ours) == n, (name, len(ours), n)
+        idx = range(n) if max_train is None or name != "train" else np.linspace(0, n - 1, min(n, max_train)).astype(int)
+        for i in idx:
+            item, mine = ds[int(i)], ours[int(i)]
+            assert np.array_equal(np.asarray(item["text"], np.int64), mine["text"]), (name, i)
+            got = np.asarray(item["neighbor_chunks"])[:, :, 0]  # [L, k]: the neighbor ids Megatron trains with
+            want = mine["neighbor_chunks"][:, :, 0]
+            assert got.shape == want.shape
+            assert np.array_equal(got[want >= 0], want[want >= 0]), (name, i)
+            compared += 1
+    return compared

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from conftest import script
+from megatron_ref import check_megatron_reads_workdir
 
 
 def test_readme_main_command(tmp_path):
@@ -45,3 +46,8 @@ def test_readme_main_command(tmp_path):
     assert f"chunks embedded: {n_train} (train DB: {n_train} chunks" in r.stdout
     search = json.loads(next((wd / "index").rglob("search.json")).read_text())
     assert search["recall@10"] >= 0.95 and search["n_queries"] == infos[0]["n_chunks"] - n_train
+    # Megatron's own training path reads this workdir as the README's "Training with Megatron" says
+    stored = json.loads((wd / "config.json").read_text())
+    assert stored["retro_gpt_tokenizer_type"] == "GPT2BPETokenizer" and (wd / stored["retro_gpt_vocab_file"]).is_file()
+    assert "--split 98,2,0" in readme and "--retro-project-dir" in readme
+    assert check_megatron_reads_workdir(wd, "98,2,0", max_train=24) >= 24

@@ -1,5 +1,5 @@
-"""query-neighbors: pretraining samples cut as GPT pretraining does, and every saved neighbor list equals a
-brute-force numpy search over the DB embeddings with the same own-sample filter."""
+"""query-neighbors: every saved neighbor list of Megatron's pretraining samples equals a brute-force numpy
+search over the DB embeddings with the same own-sample filter; query files hold retro_block_size rows."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def corpus(tmp_path, gpt, texts, seed, name="c"):
 def build(wd, prefix, gpt_path, model, **kw):
     given = {"data_path": ["1", prefix], "gpt_tokenizer": gpt_path, "embedder": model, "chunk_length": CL,
              "seq_length": SEQ, "split": "80,10,10", "index_str": "Flat", "batch_size": 32, "device": "cpu",
+             "global_batch_size": 4, "eval_iters": 2, "eval_interval": 1000,
              "num_neighbors_query": 100000, "num_neighbors_save": 5, "num_queries": 20, **kw}
     return run_stages(str(wd), STAGES, given, RunOptions(executor="local", progress=False))
 
@@ -43,14 +44,14 @@ def test_neighbors_equal_a_numpy_brute_force_with_the_own_sample_filter(tmp_path
                                                                        corpus_texts, seed):
     from embedder import Encoder
     from retro_pipeline.read import WorkdirReader
-    from retro_pipeline.samples import SampleSet
     from retro_pipeline.workdir import Workdir
 
     gpt = load_gpt_tokenizer(gpt_tokenizer_path)
     prefix = corpus(tmp_path, gpt, corpus_texts[:40], seed)
     wd = tmp_path / "w"
-    out = build(wd, prefix, gpt_tokenizer_path, tiny_bert_dir)
-    assert out["query-neighbors"]["n_samples_train"] > 20 and out["query-neighbors"]["n_samples_valid"] > 0
+    out = build(wd, prefix, gpt_tokenizer_path, tiny_bert_dir, **({"block_size": 50} if seed else {}))
+    assert out["query-neighbors"]["n_samples_train"] > 20
+    assert out["query-neighbors"]["n_samples_valid"] == out["query-neighbors"]["n_samples_test"] == 8
     assert out["query-neighbors"]["n_dropped_own_sample"] > out["query-neighbors"]["n_chunks_train"]  # exercised
     reader = WorkdirReader(Workdir(wd))
     cfg = reader.config
@@ -60,36 +61,31 @@ def test_neighbors_equal_a_numpy_brute_force_with_the_own_sample_filter(tmp_path
     db = reader.db_chunks("train")
     ds = IndexedDataset(prefix)
     enc = Encoder.load(tiny_bert_dir, device="cpu")
-    train_docs = {tuple(x) for x in h5py.File(wd / "db" / "merged" / "train.hdf5", "r")["doc_offsets"][:, :2]}
+    stored = json.loads((wd / "config.json").read_text())
+    block = stored["retro_block_size"]
     for split in ("train", "valid", "test"):
-        ss = SampleSet(Workdir(wd), cfg, split, None)
+        ss = reader.samples(split)
         saved = neighbors(wd, split)
         assert saved.shape == (ss.n_samples * SEQ // CL, 5)
-        # the stream is the split's documents in some order, EOD included; samples are windows of SEQ + 1
-        first_epoch = {tuple(x) for x in ss.docs[:len(ss.split_docs)]}
-        assert first_epoch == {tuple(x) for x in ss.split_docs}
-        assert (first_epoch <= train_docs) == (split == "train") and not (split != "train" and first_epoch & train_docs)
-        stream = np.concatenate([ds.get(int(doc)) for _, doc in ss.docs]).astype(np.int64)
+        files = sorted((wd / "query" / stored["retro_neighbor_dirs"][split]).glob("*.hdf5"))
+        starts = sorted(int(p.name.split("-")[0]) for p in files)
+        assert starts == list(range(0, len(saved), block))  # Megatron's c // block * block finds every chunk
+        assert len(files) > (2 if seed and split == "train" else 0)  # files split samples (L = 4, 50 rows)
         tokens = ss.tokens(0, ss.n_samples)
-        for i in range(ss.n_samples):
-            assert np.array_equal(tokens[i], stream[i * SEQ:i * SEQ + SEQ + 1])
         # embeddings of the chunks, computed here block by block as the stage batches them
-        starts = np.concatenate([[0], np.cumsum([ds.sequence_lengths[int(d)] for _, d in ss.docs])])
         compared = 0
         for blk in sorted((wd / "markers" / "query-neighbors").glob(f"{split}__*.json")):
             m = json.loads(blk.read_text())
-            a, b = (int(x) // (SEQ // CL) for x in m["block"].split("/")[1].split("-"))
-            chunks = tokens[a:b, :SEQ].reshape(-1, CL)
+            a, b = (int(x) for x in m["block"].split("/")[1].split("-"))
+            chunks = tokens[:, :SEQ].reshape(-1, CL)[a:b]
             q = enc.encode(gpt.decode_batch(chunks.tolist()), batch_size=32)
             d2 = ((q[:, None, :] - xb[None, :, :]) ** 2).sum(-1)
             for c in range(len(chunks)):
-                i = a + c // (SEQ // CL)
-                touched = np.flatnonzero((starts[:-1] <= i * SEQ + SEQ) & (starts[1:] > i * SEQ))
-                own = {tuple(ss.docs[t]) for t in touched}
+                own = {tuple(x) for x in ss.doc_ids((a + c) // (SEQ // CL))}
                 allowed = np.array([(int(r[0]), int(r[1])) not in own for r in db])
                 ref = np.argsort(np.where(allowed, d2[c], np.inf), kind="stable")[:5]
                 ref = ref[np.isfinite(d2[c][ref]) & allowed[ref]]
-                got = saved[a * SEQ // CL + c]
+                got = saved[a + c]
                 assert (got >= 0).sum() == len(ref) and (got[len(ref):] == -1).all()
                 assert all(allowed[g] for g in got[got >= 0])  # never a document of its own sample
                 np.testing.assert_allclose(d2[c][got[got >= 0]], d2[c][ref], rtol=1e-4, atol=1e-4)
@@ -97,13 +93,16 @@ def test_neighbors_equal_a_numpy_brute_force_with_the_own_sample_filter(tmp_path
         assert compared == len(saved) > 0, (split, compared)
 
 
-def test_a_split_without_documents_is_an_error_when_samples_are_asked(tmp_path, gpt_tokenizer_path, tiny_bert_dir,
-                                                                      corpus_texts):
+def test_sample_count_errors_come_before_any_stage_runs(tmp_path, gpt_tokenizer_path, tiny_bert_dir, corpus_texts):
     from retro_pipeline.errors import RetroError
 
     gpt = load_gpt_tokenizer(gpt_tokenizer_path)
     prefix = corpus(tmp_path, gpt, corpus_texts[:20], 3)
-    with pytest.raises(RetroError, match="the test split has no documents"):
-        build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir, split="90,10,0", eval_samples=5)
+    n_docs = len(IndexedDataset(prefix))
+    split = f"{n_docs - 1},0.1,0"  # round() leaves the valid split without a document
+    with pytest.raises(RetroError, match="the valid split .* holds no documents of it, but Megatron's training asks "
+                                         "8 valid samples"):
+        build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir, split=split)
+    assert not (tmp_path / "w").exists()  # nothing embedded, nothing written
     with pytest.raises(RetroError, match="--seq-length 60: must be a multiple of --chunk-length 16"):
         build(tmp_path / "w2", prefix, gpt_tokenizer_path, tiny_bert_dir, seq_length=60)

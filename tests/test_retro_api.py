@@ -27,7 +27,8 @@ SEQ, CL, K = 16, 4, 100  # K > train-DB rows: every chunk's list ends in -1 padd
 def given(prefix, gpt_path, model):
     return {"data_path": ["1", prefix], "gpt_tokenizer": gpt_path, "embedder": model, "chunk_length": CL,
             "seq_length": SEQ, "split": "80,10,10", "index_str": "Flat", "batch_size": 32, "device": "cpu",
-            "num_neighbors_query": K, "num_neighbors_save": K, "num_queries": 5, "eval_samples": 3}
+            "num_neighbors_query": K, "num_neighbors_save": K, "num_queries": 5, "global_batch_size": 3,
+            "eval_iters": 1, "eval_interval": 1000}
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +63,30 @@ def last_of_long_doc(db) -> int:
     return int(np.flatnonzero(end & after_same)[0])
 
 
+def sample_start(ss, i) -> int:
+    """Stream position where sample i starts (its shuffled sample index times SEQ)."""
+    return int(ss.parts[0].stream_start(ss.within[i:i + 1])[0])
+
+
+def touched_docs(b, ss, i) -> np.ndarray:
+    """(dataset, doc) rows of the document-index entries whose tokens intersect sample i's [p, p + SEQ],
+    from the raw document lengths."""
+    index = ss.parts[0].document_index
+    starts = np.concatenate([[0], np.cumsum([len(b["docs"][int(d)]) for d in index])])
+    p = sample_start(ss, i)
+    touched = np.flatnonzero((starts[:-1] <= p + SEQ) & (starts[1:] > p))
+    return np.stack([np.zeros(len(touched), np.int64), index[touched].astype(np.int64)], axis=1)
+
+
 def expected_item(b, split, i, r=2):
     """Item i computed from the raw corpus, the raw neighbor files and the raw train-DB rows, with loops."""
     from retro_pipeline.read import WorkdirReader
     from retro_pipeline.workdir import Workdir
 
-    ss = WorkdirReader(Workdir(b["wd"])).samples(split)  # its document order; tokens are gathered here
-    stream = np.concatenate([b["docs"][int(doc)] for _, doc in ss.docs])
+    ss = WorkdirReader(Workdir(b["wd"])).samples(split)  # its document index and shuffle; tokens are gathered here
+    assert not ss.blended and len(ss.parts) == 1 and (ss.corpus == 0).all()  # one corpus: one GPTSamples
+    stream = np.concatenate([b["docs"][int(doc)] for doc in ss.parts[0].document_index])
+    p = sample_start(ss, i)
     db, eod, L = b["db"], b["gpt"].eod_id, SEQ // CL
     nb = saved_neighbors(b["wd"], split)[i * L:(i + 1) * L]
     chunks = np.full((L, nb.shape[1], r), -1)
@@ -81,7 +99,7 @@ def expected_item(b, split, i, r=2):
                 chunks[j, m, c] = n + c
                 t = b["docs"][db[n + c, 1]][db[n + c, 2]:db[n + c, 3]]
                 tokens[j, m, c * CL:c * CL + len(t)] = t
-    return {"text": stream[i * SEQ:i * SEQ + SEQ + 1], "neighbor_chunks": chunks, "neighbor_tokens": tokens,
+    return {"text": stream[p:p + SEQ + 1], "neighbor_chunks": chunks, "neighbor_tokens": tokens,
             "neighbor_mask": chunks >= 0}, stream, ss
 
 
@@ -100,9 +118,9 @@ def test_items_equal_the_raw_corpus_and_neighbor_files(built):
         for key in exp:
             assert got[key].dtype == exp[key].dtype and np.array_equal(got[key], exp[key]), (i, key)
         # every train chunk outside the sample's documents is a neighbor, then -1 padding (all EOD, mask False)
-        starts = np.concatenate([[0], np.cumsum([len(built["docs"][int(d)]) for _, d in ss.docs])])
-        touched = np.flatnonzero((starts[:-1] <= i * SEQ + SEQ) & (starts[1:] > i * SEQ))
-        own = {tuple(ss.docs[t]) for t in touched}
+        touched = touched_docs(built, ss, i)
+        assert np.array_equal(ss.doc_ids(i), touched), i
+        own = {tuple(t) for t in touched}
         n_other = sum(tuple(r[:2]) not in own for r in db)
         assert 0 < n_other < K and ((got["neighbor_chunks"][:, :, 0] >= 0).sum(1) == n_other).all()
         assert (got["neighbor_chunks"][:, n_other:] == -1).all() and not got["neighbor_mask"][:, n_other:].any()
@@ -200,18 +218,17 @@ def test_retro_getters(built, tiny_bert_dir, capsys, monkeypatch):
     exp, stream, ss = expected_item(built, "train", 1)
     s = retro.get_pt_sample("train", 1)
     assert all(np.array_equal(s[k], exp[k]) for k in exp)
-    starts = np.concatenate([[0], np.cumsum([len(docs[int(d)]) for _, d in ss.docs])])
-    touched = np.flatnonzero((starts[:-1] <= SEQ + SEQ) & (starts[1:] > SEQ))
-    assert s["doc_ids"].dtype == np.int64 and np.array_equal(s["doc_ids"], ss.docs[touched])
+    assert s["doc_ids"].dtype == np.int64 and np.array_equal(s["doc_ids"], touched_docs(built, ss, 1))
     assert retro.gpt_to_text(s["text"]) == gpt.tokenizer.decode(s["text"].tolist(), skip_special_tokens=True)
     texts = retro.gpt_to_text(s["neighbor_tokens"])
     assert len(texts) == SEQ // CL and len(texts[0]) == K and texts[0][-1] == ""
     assert texts[1][0] == gpt.tokenizer.decode(s["neighbor_tokens"][1, 0].tolist(), skip_special_tokens=True)
+    p1 = sample_start(ss, 1)
     nt = retro.get_neighbor_tokens(1, 2, "train")
-    assert np.array_equal(nt["chunk_tokens"], stream[SEQ + 2 * CL:SEQ + 3 * CL])
+    assert np.array_equal(nt["chunk_tokens"], stream[p1 + 2 * CL:p1 + 3 * CL])
     retro.print_neighbor_texts(1, 2, "train")
     out = capsys.readouterr().out.splitlines()
-    chunk_text = gpt.tokenizer.decode(stream[SEQ + 2 * CL:SEQ + 3 * CL].tolist(), skip_special_tokens=True)
+    chunk_text = gpt.tokenizer.decode(stream[p1 + 2 * CL:p1 + 3 * CL].tolist(), skip_special_tokens=True)
     assert out[1] == "PRETRAINING CHUNK:" and out[2] == "  - " + chunk_text and out[3] == "NEIGHBOR_CHUNKS:"
     n20 = s["neighbor_chunks"][2, 0]  # short texts: printed whole
     t20 = gpt.tokenizer.decode(np.concatenate([docs[db[c, 1]][db[c, 2]:db[c, 3]] for c in n20 if c >= 0]).tolist())
@@ -257,10 +274,9 @@ def test_inspect_cli(built):
     r = invoke("inspect", "--workdir", wd, "sample", "train", 0, "-k", 0, "--width", 1000)
     assert r.exit_code == 0, r.output
     out = r.stdout.splitlines()
-    starts = np.concatenate([[0], np.cumsum([len(docs[int(d)]) for _, d in ss.docs])])
-    touched = np.flatnonzero((starts[:-1] <= SEQ) & (starts[1:] > 0))
-    assert out[1] == "documents (dataset/doc): " + " ".join(f"{x}/{y}" for x, y in ss.docs[touched])
-    assert out[2] == f"chunk 0: {gpt.tokenizer.decode(stream[:CL].tolist(), skip_special_tokens=True)!r}"
+    p0 = sample_start(ss, 0)
+    assert out[1] == "documents (dataset/doc): " + " ".join(f"{x}/{y}" for x, y in touched_docs(built, ss, 0))
+    assert out[2] == f"chunk 0: {gpt.tokenizer.decode(stream[p0:p0 + CL].tolist(), skip_special_tokens=True)!r}"
     assert sum(ln.startswith("chunk ") for ln in out) == SEQ // CL and len(out) == 2 + (SEQ // CL) * (K + 1)
     n0 = int(exp["neighbor_chunks"][0, 0, 0])
     t0 = gpt.tokenizer.decode(docs[db[n0, 1]][db[n0, 2]:db[n0, 3]].tolist())

@@ -5,9 +5,13 @@ with the GPT tokenizer, re-tokenizes the text with the embedder's tokenizer and 
 (non-empty) or invalid. Finalizing splits documents into train and valid, draws the index-training sample
 and streams the blocks, one at a time, into ``db/merged/{train,sampled,valid}.hdf5``.
 
-Split modes: ``random`` (default) picks exactly ``int(train_fraction * n_docs)`` train documents at
-random (seeded) and a random sample of train chunks; ``megatron`` takes the first documents as train and
-the first chunks as the sample, as Megatron did, chunk for chunk.
+Split modes: ``megatron`` (default) takes the first ``int(train_fraction * n_docs)`` documents of each corpus
+as train and the first chunks as the index-training sample, as megatron-core does, chunk for chunk: the
+documents of Megatron's GPT valid and test ranges (the last ones, by ``round()``) then never enter the
+retrieval database. ``random`` picks exactly as many train documents at random (seeded) and a random
+sample of train chunks: for a corpus whose document order is not shuffled (sorted by source or date), where
+the first documents would be a biased database and index sample; the database then holds documents of
+Megatron's valid and test samples, so use it when those are not evaluated on (see the README).
 """
 
 from __future__ import annotations
@@ -81,8 +85,9 @@ class DBBuildStage(Stage):
                "chunks here): a directory or hub id.", path=True, shown_default="the packaged all-MiniLM-L6-v2"),
         Option("chunk_length", int, 64, "GPT tokens per chunk.", minimum=1),
         Option("split", str, "98,2,0", "train,valid,test proportions of documents.", normalize=normalize_split),
-        Option("split_mode", str, "random", "random: seeded random split and index sample; megatron: "
-               "document-order split and first-N sample, as Megatron.", choices=SPLIT_MODES),
+        Option("split_mode", str, "megatron", "megatron: the first documents are the train DB and the first "
+               "chunks the index sample, as Megatron (its valid/test documents stay out of the DB); random: a "
+               "seeded random train DB and index sample, for corpora in a biased order.", choices=SPLIT_MODES),
         Option("seed", int, 1234, "Seed of every random choice.", minimum=0),
         Option("index_ntrain", str, "auto", "Chunks sampled to train the index, or 'auto'.",
                normalize=normalize_ntrain),

@@ -1,16 +1,21 @@
 """query-neighbors: for every chunk of every pretraining sample, its nearest train-DB chunks from other
 documents (docs/formats.md §4).
 
-Blocks are runs of one split's samples. A worker loads the built index once (memory-mapped lists where they
-are on disk), cuts each sample's first ``seq_length`` tokens into chunks, embeds them, searches
-``--num-neighbors-query`` ids with the tuned search settings, drops every id whose document is any document
-of the chunk's own sample (numpy over the whole block), keeps the first ``--num-neighbors-save`` and pads
-with -1: ``query/<split>_<hash>/<start>-<end>.hdf5``, dataset ``neighbors`` int64 [n_chunks, k], chunk ids
-``start..end-1`` (sample ``i`` owns chunks ``i*L .. i*L+L-1``).
+The samples are the ones Megatron's RETRO training reads (:mod:`retro_pipeline.samples`), as many as its
+``--train-samples``, ``--eval-interval``, ``--eval-iters`` and ``--global-batch-size`` make it ask. Blocks are
+runs of one split's chunk rows, ``retro_block_size`` rows each (the last of a split fewer), so that Megatron
+finds chunk ``c`` in the file starting at ``c // retro_block_size * retro_block_size``. A worker loads the
+built index once (memory-mapped lists where they are on disk), cuts the samples' first ``seq_length`` tokens
+into chunks, embeds them, searches ``--num-neighbors-query`` ids with the tuned search settings, drops every
+id whose document is any document of the chunk's own sample (numpy over the whole block), keeps the first
+``--num-neighbors-save`` and pads with -1: ``query/<split>_<hash>/<start>-<end>.hdf5``, dataset ``neighbors``
+int64 [n_chunks, k] (sample ``i`` owns chunks ``i*L .. i*L+L-1``). The stage writes config.json's keys for
+Megatron (:mod:`retro_pipeline.megatron`) when it starts.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +24,12 @@ import numpy as np
 from retro_pipeline import faiss_index
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write
-from retro_pipeline.samples import SPLITS, SampleSet
+from retro_pipeline.samples import SPLITS, SampleSet, split_samples
 from retro_pipeline.stage import Block, Option, Resources, block_file_name, rows_per_block
 from retro_pipeline.stages.embed import EMBED_OPTIONS, EmbeddingStage
 from retro_pipeline.stages.index_add import NUM_NEIGHBORS_SAVE
+
+log = logging.getLogger(__name__)
 
 DOC_KEY = 1 << 40  # sample-local index x DOC_KEY + global document number: one int64 per (sample, document)
 
@@ -30,21 +37,28 @@ DOC_KEY = 1 << 40  # sample-local index x DOC_KEY + global document number: one 
 class QueryNeighborsStage(EmbeddingStage):
     """Find the neighbors of every chunk of every pretraining sample (query/<split>_<hash>/ blocks).
 
-    Samples: each split's documents (as db-build split them; test = a seeded share of the non-train ones) in
-    a seeded order, cut into windows of --seq-length + 1 tokens that may cross documents, as GPT pretraining
-    does; their first --seq-length tokens are the sample's chunks. A neighbor from any document of the
-    chunk's own sample is dropped.
+    Samples are Megatron's (megatron-core 0.13.1 MultiSplitGPTDataset / BlendedDataset with this build's
+    blend, --split, --seed and --seq-length), as many as Megatron's training asks: --train-samples of train;
+    (train_samples // global_batch_size // eval_interval + 1) * eval_iters * global_batch_size of valid;
+    eval_iters * global_batch_size of test. Their first --seq-length tokens are their chunks. A neighbor from
+    any document of the chunk's own sample is dropped. config.json gets every key Megatron-LM's
+    load_retro_args reads.
     """
 
     name = "query-neighbors"
     needs = ("index-add",)
-    unit = "samples"
+    unit = "chunks"
     resources = Resources(cpus=1, gpus=1, max_per_node=8)
     options = (
         Option("seq_length", int, 2048, "Tokens per pretraining sample (a multiple of --chunk-length).", minimum=1),
-        Option("train_samples", int, None, "Train samples.", minimum=0, shown_default="every sample the split holds"),
-        Option("eval_samples", int, None, "Samples of valid and of test each.", minimum=0,
-               shown_default="every sample the split holds"),
+        Option("train_samples", int, None, "Train samples (Megatron's --train-samples).", minimum=1,
+               shown_default="one epoch of the train split"),
+        Option("global_batch_size", int, 256, "Megatron's --global-batch-size: sizes the valid and test sample "
+               "counts, and Megatron's training takes it from config.json.", minimum=1),
+        Option("eval_interval", int, 2000, "Megatron's --eval-interval (iterations between evaluations).",
+               minimum=1),
+        Option("eval_iters", int, 50, "Megatron's --eval-iters (batches per evaluation; 0: no evaluation, no "
+               "valid or test samples).", minimum=0),
         Option("num_neighbors_query", int, 200, "Neighbors searched per chunk before the own-sample filter.",
                minimum=1),
         NUM_NEIGHBORS_SAVE,
@@ -52,17 +66,20 @@ class QueryNeighborsStage(EmbeddingStage):
     )
 
     def samples(self, split: str) -> SampleSet:
-        cache = self.__dict__.setdefault("_samples", {})
-        if split not in cache:
-            n = self.cfg.train_samples if split == "train" else self.cfg.eval_samples
-            cache[split] = SampleSet(self.workdir, self.cfg, split, n)
-        return cache[split]
+        if "_samples" not in self.__dict__:
+            self._samples = split_samples(self.cfg)
+        return self._samples[split]
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_samples"}
 
     def neighbor_dir(self, split: str) -> Path:
         return self.workdir.root / "query" / f"{split}_{self.samples(split).hash}"
+
+    def block_rows(self) -> int:
+        """retro_block_size: chunk rows per query file, one value for every split."""
+        total = sum(self.samples(s).n_samples * self.samples(s).L for s in SPLITS)
+        return rows_per_block(total, self.cfg.block_size, floor=256)
 
     # ---- driver side
     def validate(self) -> None:
@@ -72,28 +89,43 @@ class QueryNeighborsStage(EmbeddingStage):
         if self.cfg.num_neighbors_save > self.cfg.num_neighbors_query:
             raise RetroError(f"--num-neighbors-save {self.cfg.num_neighbors_save} is more than --num-neighbors-query "
                              f"{self.cfg.num_neighbors_query}; query at least as many as you save")
+        if self.cfg.data_path and all(Path(p + ".idx").is_file() for p in self.cfg.data_path[1::2]):
+            for s in SPLITS:  # every sample-count check, before any stage embeds
+                self.samples(s)
 
     def prepare(self) -> None:
-        dirs = {s: self.neighbor_dir(s).name for s in SPLITS if self.samples(s).n_samples}
-        self.workdir.store_extra({"retro_neighbor_dirs": dirs})
+        from retro_pipeline.megatron import megatron_config
+
+        for s in SPLITS:
+            ss = self.samples(s)
+            if not ss.exists:
+                continue
+            self.neighbor_dir(s).mkdir(parents=True, exist_ok=True)  # Megatron opens it even when it is empty
+            empty = [d.prefix for d, (b, e) in zip(ss.datasets, ss.doc_ranges) if e == b]
+            if empty:
+                log.warning("%s: the %s split holds none of its documents by --split %s, and Megatron's training "
+                            "cannot build an empty split (megatron-core 0.13.1's GPTDataset loops forever); change "
+                            "--split so that the split has documents or zero width", empty[0], s, self.cfg.split)
+        dirs = {s: (self.neighbor_dir(s).name if self.samples(s).exists else None) for s in SPLITS}
+        self.workdir.store_extra(megatron_config(self.workdir, self.cfg, {
+            "train_samples": self.samples("train").n_samples, "block_size": self.block_rows(),
+            "neighbor_dirs": dirs}))
 
     def plan(self) -> list[Block]:
         blocks = []
+        per = self.block_rows()
         for split in SPLITS:
             ss = self.samples(split)
-            if not ss.n_samples:
-                continue
             n_chunks = ss.n_samples * ss.L
-            per = max(1, rows_per_block(n_chunks, self.cfg.block_size, floor=256) // ss.L)
-            for a in range(0, ss.n_samples, per):
-                b = min(a + per, ss.n_samples)
-                name = block_file_name(a * ss.L, b * ss.L, n_chunks)
+            for a in range(0, n_chunks, per):
+                b = min(a + per, n_chunks)
+                name = block_file_name(a, b, n_chunks)
                 blocks.append(Block(f"{split}/{name[:-5]}", a, b, str(self.neighbor_dir(split) / name),
                                     {"split": split}))
         return blocks
 
     def outputs(self) -> list[Path]:
-        return [self.workdir.root / "query"]
+        return [self.workdir.root / "query", self.workdir.root / "megatron"]
 
     # ---- worker side
     def setup(self, resources: dict[str, Any]):
@@ -119,22 +151,21 @@ class QueryNeighborsStage(EmbeddingStage):
 
     def process(self, block: Block, state) -> dict[str, Any]:
         ss = self.samples(block.meta["split"])
-        n, L, cl = block.size, ss.L, ss.chunk_length
-        tokens = ss.tokens(block.start, block.end)[:, :ss.seq_length].reshape(n * L, cl)
-        bounds = np.arange(n * L + 1, dtype=np.int64) * cl
+        L, cl = ss.L, ss.chunk_length
+        first, last = block.start // L, -(-block.end // L)  # the samples whose chunks the block holds
+        rows = slice(block.start - first * L, block.end - first * L)
+        tokens = ss.tokens(first, last)[:, :ss.seq_length].reshape(-1, cl)[rows]
+        n = len(tokens)
+        bounds = np.arange(n + 1, dtype=np.int64) * cl
         texts = state["reader"].gpt.detokenize_flat(tokens.reshape(-1), bounds)
         emb = state["encoder"].encode(texts, batch_size=self.cfg.batch_size)
         index = state["index"]
         kq = min(self.cfg.num_neighbors_query, index.ntotal)
         _, found = index.search(np.ascontiguousarray(emb, dtype=np.float32), kq)  # [n*L, kq], -1 = none
-        # the documents of each sample: a contiguous run lo..hi of the split's stream
-        lo, hi = ss.doc_span(block.start, block.end)
-        counts = hi - lo + 1
-        local = np.repeat(np.arange(n, dtype=np.int64), counts)
-        stream_pos = np.concatenate([np.arange(a, b + 1) for a, b in zip(lo, hi)])
-        own_docs = state["doc_base"][ss.docs[stream_pos, 0]] + ss.docs[stream_pos, 1]
-        own = np.sort(local * DOC_KEY + own_docs)
-        chunk_sample = np.repeat(np.arange(n, dtype=np.int64), L)[:, None]
+        # the documents of each sample (a contiguous run of its corpus's document index), as sorted keys
+        sample, corpus, doc = ss.doc_runs(first, last)
+        own = np.sort(sample * DOC_KEY + state["doc_base"][corpus] + doc)
+        chunk_sample = (np.arange(block.start, block.end, dtype=np.int64) // L - first)[:, None]
         valid = found >= 0
         keys = chunk_sample * DOC_KEY + state["neighbor_doc"][np.where(valid, found, 0)]
         pos = np.minimum(np.searchsorted(own, keys), len(own) - 1)
@@ -148,16 +179,17 @@ class QueryNeighborsStage(EmbeddingStage):
         with atomic_path(block.path) as tmp:
             with h5_open_write(tmp) as f:
                 h5_create(f, "neighbors", data=out.astype(np.int64))
-        return {"samples": int(n), "chunks": int(n * L), "dropped_own": int((valid & ~keep).sum()),
+        return {"chunks": int(n), "dropped_own": int((valid & ~keep).sum()),
                 "missing": int((out < 0).sum())}
 
     def finalize(self, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for split in SPLITS:
-            rs = [results[b.name]["counts"] for b in blocks if b.meta["split"] == split]
-            if rs:
-                out[f"n_samples_{split}"] = sum(r["samples"] for r in rs)
-                out[f"n_chunks_{split}"] = sum(r["chunks"] for r in rs)
+            ss = self.samples(split)
+            if ss.exists:
+                out[f"n_samples_{split}"] = ss.n_samples
+                out[f"n_chunks_{split}"] = sum(results[b.name]["counts"]["chunks"] for b in blocks
+                                               if b.meta["split"] == split)
         counts = [r["counts"] for r in results.values()]
         out["n_neighbors_missing"] = sum(c["missing"] for c in counts)
         out["n_dropped_own_sample"] = sum(c["dropped_own"] for c in counts)
