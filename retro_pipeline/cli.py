@@ -169,9 +169,9 @@ def cli():
     """
 
 
-# The demo corpus holds ~140 train samples of 2,048 tokens: Megatron's default batch of 256 and 50 evaluation
-# batches would ask 12,800 valid samples of it (its valid split holds 3).
-DEMO_TRAINING = {"global_batch_size": 8, "eval_iters": 1}
+# The demo corpus holds ~140 train samples of 2,048 tokens and its valid split 3: at Megatron's batch of 256,
+# --eval-iters auto would give no evaluation. One evaluation batch of 2 asks 2 valid samples of it.
+DEMO_TRAINING = {"global_batch_size": 2, "eval_iters": 1}
 
 
 def _run(stages, kw, demo_ok=False):

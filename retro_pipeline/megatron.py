@@ -94,7 +94,8 @@ def bert_tokenizer_keys(root: Path, embedder_spec) -> dict[str, Any]:
 def megatron_config(workdir, cfg, built: dict[str, Any]) -> dict[str, Any]:
     """Every key Megatron-LM's ``load_retro_args`` reads, for this build; writes the tokenizer files.
 
-    ``built`` holds what query-neighbors decided: ``train_samples``, ``block_size`` (rows per query file) and
+    ``built`` holds what query-neighbors decided: ``train_samples`` and ``eval_iters`` (resolved to numbers),
+    ``block_size`` (rows per query file) and
     ``neighbor_dirs`` ({split: directory name under query/, or None where the split has zero width})."""
     root = workdir.root
     return {
@@ -106,7 +107,7 @@ def megatron_config(workdir, cfg, built: dict[str, Any]) -> dict[str, Any]:
         "retro_gpt_chunk_length": cfg.chunk_length,
         "retro_gpt_train_samples": built["train_samples"],
         "retro_gpt_eval_interval": cfg.eval_interval,
-        "retro_gpt_eval_iters": cfg.eval_iters,
+        "retro_gpt_eval_iters": built["eval_iters"],
         "retro_gpt_global_batch_size": cfg.global_batch_size,
         **gpt_tokenizer_keys(root, cfg.gpt_tokenizer),
         **bert_tokenizer_keys(root, cfg.embedder_spec()),

@@ -330,13 +330,36 @@ class SampleSet:
         return np.stack([corp, doc], axis=1)
 
 
+AUTO_EVAL_ITERS = 50  # Megatron's example RETRO preprocessing value, the most --eval-iters auto gives
+
+
+def eval_iters(cfg, datasets=None, train: int | None = None) -> int:
+    """``--eval-iters`` as a number: ``auto`` is 50, lowered to the most evaluation batches that one epoch of the
+    valid split (else the test split) fills at Megatron's evaluation count, so a small corpus is not asked
+    for many epochs of its valid documents."""
+    if cfg.eval_iters != "auto":
+        return int(cfg.eval_iters)
+    if train is None:
+        train = _train_count(cfg, datasets)
+    evals = train // cfg.global_batch_size // cfg.eval_interval + 1
+    for name in ("valid", "test"):
+        ss = SampleSet(cfg, name, 0, datasets)
+        if ss.exists:
+            return min(AUTO_EVAL_ITERS, ss.one_epoch() // (evals * cfg.global_batch_size))
+    return AUTO_EVAL_ITERS
+
+
+def _train_count(cfg, datasets=None) -> int:
+    if cfg.train_samples is not None:
+        return int(cfg.train_samples)
+    return SampleSet(cfg, "train", 0, datasets).one_epoch()
+
+
 def asked_counts(cfg, datasets=None) -> tuple[int, int, int]:
     """Samples Megatron's training asks of train, valid and test for this build's options (``--train-samples``,
     default one epoch of the train split; ``--eval-interval``, ``--eval-iters``, ``--global-batch-size``)."""
-    train = cfg.train_samples
-    if train is None:
-        train = SampleSet(cfg, "train", 0, datasets).one_epoch()
-    return megatron_sample_counts(train, cfg.eval_interval, cfg.eval_iters, cfg.global_batch_size)
+    train = _train_count(cfg, datasets)
+    return megatron_sample_counts(train, cfg.eval_interval, eval_iters(cfg, datasets, train), cfg.global_batch_size)
 
 
 def split_samples(cfg, datasets=None) -> dict[str, SampleSet]:

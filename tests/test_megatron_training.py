@@ -72,3 +72,22 @@ def test_a_split_other_than_the_builds_gives_other_samples_and_the_check_sees_it
     wd, _ = blend_build
     with pytest.raises(AssertionError, match="'valid'"):
         check_megatron_reads_workdir(wd, "99,1,0")
+
+
+def test_no_evaluation_still_gives_megatron_every_split_directory(tmp_path, gpt_tokenizer_path, tiny_bert_dir,
+                                                                   corpus_texts):
+    """--eval-iters 0: Megatron asks 0 valid and 0 test samples but still opens their neighbor directories."""
+    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
+    a = random_size_corpus(tmp_path / "a", gpt, corpus_texts[:60], 2, [3, 9, 20, 40, 90], 200)
+    wd = tmp_path / "w"
+    out = run_stages(str(wd), STAGES, {
+        "data_path": ["1", a], "gpt_tokenizer": gpt_tokenizer_path, "embedder": tiny_bert_dir, "chunk_length": 16,
+        "seq_length": 64, "split": "90,5,5", "eval_iters": 0, "num_neighbors_save": 3, "index_str": "Flat",
+        "device": "cpu"}, RunOptions(executor="local", progress=False))
+    q = out["query-neighbors"]
+    assert q["n_samples_valid"] == q["n_samples_test"] == 0 < q["n_samples_train"]
+    stored = json.loads((wd / "config.json").read_text())
+    for split in ("valid", "test"):
+        d = wd / "query" / stored["retro_neighbor_dirs"][split]
+        assert d.is_dir() and not list(d.iterdir())
+    assert check_megatron_reads_workdir(wd, "90,5,5") == q["n_samples_train"]

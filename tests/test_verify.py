@@ -33,7 +33,8 @@ def built(tmp_path_factory, gpt_tokenizer_path, tiny_bert_dir, corpus_texts):
     write_indexed_dataset(str(tmp / "c"), docs, np.uint16)
     given = {"data_path": ["1", str(tmp / "c")], "gpt_tokenizer": gpt_tokenizer_path, "embedder": tiny_bert_dir,
              "chunk_length": 16, "seq_length": 64, "split": "80,10,10", "index_str": "Flat", "batch_size": 32,
-             "device": "cpu", "num_neighbors_save": 5, "num_queries": 20, "keep_embeddings": True}
+             "device": "cpu", "num_neighbors_save": 5, "num_queries": 20, "keep_embeddings": True,
+             "global_batch_size": 4, "eval_iters": 4}
     run_stages(str(tmp / "w"), STAGES, given, RunOptions(executor="local", progress=False))
     return tmp / "w"
 

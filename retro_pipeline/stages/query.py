@@ -24,12 +24,21 @@ import numpy as np
 from retro_pipeline import faiss_index
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write
-from retro_pipeline.samples import SPLITS, SampleSet, split_samples
+from retro_pipeline.samples import SPLITS, SampleSet, eval_iters, split_samples
 from retro_pipeline.stage import Block, Option, Resources, block_file_name, rows_per_block
 from retro_pipeline.stages.embed import EMBED_OPTIONS, EmbeddingStage
 from retro_pipeline.stages.index_add import NUM_NEIGHBORS_SAVE
 
 log = logging.getLogger(__name__)
+
+def normalize_eval_iters(value) -> str | int:
+    text = str(value).strip()
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise RetroError(f"--eval-iters {value!r}: give a number of evaluation batches (0 for none) or 'auto'")
+    return int(text)
+
 
 DOC_KEY = 1 << 40  # sample-local index x DOC_KEY + global document number: one int64 per (sample, document)
 
@@ -42,7 +51,8 @@ class QueryNeighborsStage(EmbeddingStage):
     (train_samples // global_batch_size // eval_interval + 1) * eval_iters * global_batch_size of valid;
     eval_iters * global_batch_size of test. Their first --seq-length tokens are their chunks. A neighbor from
     any document of the chunk's own sample is dropped. config.json gets every key Megatron-LM's
-    load_retro_args reads.
+    load_retro_args reads. --eval-iters auto is 50, lowered to the most evaluations one epoch of the valid
+    split fills (0 for a corpus whose valid split holds less than one --global-batch-size of samples).
     """
 
     name = "query-neighbors"
@@ -57,8 +67,9 @@ class QueryNeighborsStage(EmbeddingStage):
                "counts, and Megatron's training takes it from config.json.", minimum=1),
         Option("eval_interval", int, 2000, "Megatron's --eval-interval (iterations between evaluations).",
                minimum=1),
-        Option("eval_iters", int, 50, "Megatron's --eval-iters (batches per evaluation; 0: no evaluation, no "
-               "valid or test samples).", minimum=0),
+        Option("eval_iters", str, "auto", "Megatron's --eval-iters (batches per evaluation; 0: no evaluation, "
+               "no valid or test samples), or auto: 50, lowered to what one epoch of the valid split fills.",
+               normalize=normalize_eval_iters),
         Option("num_neighbors_query", int, 200, "Neighbors searched per chunk before the own-sample filter.",
                minimum=1),
         NUM_NEIGHBORS_SAVE,
@@ -108,8 +119,8 @@ class QueryNeighborsStage(EmbeddingStage):
                             "--split so that the split has documents or zero width", empty[0], s, self.cfg.split)
         dirs = {s: (self.neighbor_dir(s).name if self.samples(s).exists else None) for s in SPLITS}
         self.workdir.store_extra(megatron_config(self.workdir, self.cfg, {
-            "train_samples": self.samples("train").n_samples, "block_size": self.block_rows(),
-            "neighbor_dirs": dirs}))
+            "train_samples": self.samples("train").n_samples, "eval_iters": eval_iters(self.cfg),
+            "block_size": self.block_rows(), "neighbor_dirs": dirs}))
 
     def plan(self) -> list[Block]:
         blocks = []
