@@ -71,10 +71,11 @@ def megatron_build(data_path, split, seed, seq, sizes):
 
 
 def clear_megatron_cache(prefixes):
+    """megatron-core caches a GPTDataset's indices in PREFIX/cache/ (a directory named like the prefix)."""
     import shutil
 
     for p in prefixes:
-        shutil.rmtree(os.path.join(os.path.dirname(p), "cache"), ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def main() -> None:
