@@ -87,6 +87,23 @@ class QueryNeighborsStage(EmbeddingStage):
     def neighbor_dir(self, split: str) -> Path:
         return self.workdir.root / "query" / f"{split}_{self.samples(split).hash}"
 
+    def counts_text(self) -> str:
+        """The samples Megatron's training will ask, as the build reports them before it queries."""
+        parts = []
+        for s in SPLITS:
+            ss = self.samples(s)
+            if not ss.exists:
+                parts.append(f"{s} none (zero width by --split {self.cfg.split})")
+                continue
+            epoch = ss.one_epoch()
+            parts.append(f"{s} {ss.n_samples:,} samples"
+                         + (f" ({ss.n_samples / epoch:.1f} epochs)" if epoch and ss.n_samples else ""))
+        iters = eval_iters(self.cfg)
+        how = f"--eval-iters {iters}" + (" (auto: what one epoch of the valid split fills; give a number to ask "
+                                         "more)" if self.cfg.eval_iters == "auto" else "")
+        return (f"Megatron's training samples: {', '.join(parts)}; --global-batch-size {self.cfg.global_batch_size}, "
+                f"--eval-interval {self.cfg.eval_interval}, {how}")
+
     def block_rows(self) -> int:
         """retro_block_size: chunk rows per query file, one value for every split."""
         total = sum(self.samples(s).n_samples * self.samples(s).L for s in SPLITS)
@@ -117,6 +134,7 @@ class QueryNeighborsStage(EmbeddingStage):
                 log.warning("%s: the %s split holds none of its documents by --split %s, and Megatron's training "
                             "cannot build an empty split (megatron-core 0.13.1's GPTDataset loops forever); change "
                             "--split so that the split has documents or zero width", empty[0], s, self.cfg.split)
+        log.info("query-neighbors: %s", self.counts_text())
         dirs = {s: (self.neighbor_dir(s).name if self.samples(s).exists else None) for s in SPLITS}
         self.workdir.store_extra(megatron_config(self.workdir, self.cfg, {
             "train_samples": self.samples("train").n_samples, "eval_iters": eval_iters(self.cfg),
