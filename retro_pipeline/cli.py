@@ -27,9 +27,11 @@ def click_option(o: Option) -> click.Option:
     elif o.choices is not None:
         kw["type"] = click.Choice(o.choices)
     elif o.type is int:
-        kw["type"] = click.IntRange(min=o.minimum, min_open=o.open_minimum) if o.minimum is not None else int
+        kw["type"] = click.IntRange(min=o.minimum, min_open=o.open_minimum, max=o.maximum) \
+            if o.minimum is not None or o.maximum is not None else int
     elif o.type is float:
-        kw["type"] = click.FloatRange(min=o.minimum, min_open=o.open_minimum) if o.minimum is not None else float
+        kw["type"] = click.FloatRange(min=o.minimum, min_open=o.open_minimum, max=o.maximum) \
+            if o.minimum is not None or o.maximum is not None else float
     shown = o.shown_default if o.shown_default is not None else (None if o.default is None else str(o.default))
     help_ = o.help + (f" [default: {shown}]" if shown else "")
     return click.Option([o.flag], help=help_, **kw)

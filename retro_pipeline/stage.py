@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 class Option:
     """One option of a stage: a CLI flag, a config-file key and (if ``changes_output``) a ``config.json`` key.
 
-    ``type`` is int, float, str or bool (a bool is a flag); ``minimum``/``choices`` bound it. ``normalize``
+    ``type`` is int, float, str or bool (a bool is a flag); ``minimum``/``maximum``/``choices`` bound it. ``normalize``
     turns a checked value into its canonical, stored form (raise :class:`RetroError` for a bad one).
     ``path`` marks a value that may name a file or directory: it is stored as an absolute path when it
     exists, so the CLI and the Python API store the same value and the workdir works from anywhere.
@@ -50,6 +50,7 @@ class Option:
     changes_output: bool = True
     minimum: float | None = None
     open_minimum: bool = False  # minimum itself not allowed
+    maximum: float | None = None
     choices: tuple[str, ...] | None = None
     normalize: Callable[[Any], Any] | None = None
     path: bool = False
@@ -76,6 +77,8 @@ class Option:
             if self.minimum is not None and (value < self.minimum or (self.open_minimum and value == self.minimum)):
                 raise RetroError(f"{self.flag} {value}: must be {'above' if self.open_minimum else 'at least'} "
                                  f"{self.minimum:g}")
+            if self.maximum is not None and value > self.maximum:
+                raise RetroError(f"{self.flag} {value}: must be at most {self.maximum:g}")
         elif self.type is str and not isinstance(value, (str, list, tuple, os.PathLike)):
             value = str(value)
         if self.choices is not None and value not in self.choices and value != self.default:

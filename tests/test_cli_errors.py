@@ -141,3 +141,18 @@ def test_status_and_bad_options(tmp_path, good, gpt_tokenizer_path, bert_dir):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("chunk_lenght: 3\n")
     assert_clean_error(run(tmp_path / "y", good, gpt_tokenizer_path, bert_dir, "--config", str(cfg)), "chunk_lenght")
+
+
+def test_out_of_range_options_are_refused_from_the_command_line_and_a_config_file(tmp_path):
+    """--target-recall is a recall: (0, 1]. Click refuses it on the command line, the option's check in a file."""
+    from retro_pipeline.errors import RetroError
+    from retro_pipeline.stage import all_options
+
+    r = CliRunner().invoke(cli, ["index-add", "--workdir", str(tmp_path / "w"), "--target-recall", "5"])
+    assert r.exit_code == 2 and "--target-recall" in r.output and "5" in r.output and "1" in r.output
+    assert not (tmp_path / "w").exists()
+    option = next(o for o in all_options() if o.name == "target_recall")
+    assert option.check(1) == 1.0 and option.check("0.5") == 0.5
+    for bad, why in ((5, "must be at most 1"), (0, "must be above 0")):
+        with pytest.raises(RetroError, match=f"--target-recall {bad}.*: {why}"):
+            option.check(bad)

@@ -59,7 +59,7 @@ class IndexAddStage(EmbeddingStage):
     options = (
         NUM_NEIGHBORS_SAVE,
         Option("target_recall", float, 0.95, "Recall@10 the tuned search settings must reach.", minimum=0,
-               open_minimum=True),
+               open_minimum=True, maximum=1),
         Option("nprobe", str, "auto", "IVF lists searched per query, or auto (tuned).",
                normalize=auto_or_positive("--nprobe")),
         Option("ef_search", str, "auto", "HNSW efSearch, or auto (tuned).", normalize=auto_or_positive("--ef-search")),
