@@ -106,8 +106,8 @@ def check_index_str(index_str: str, dim: int):
 
 def _faiss_message(e: BaseException) -> str:
     text = str(e)
-    m = re.search(r"(?:Error: )?'[^']*' failed: (.*)", text)
-    if m:
+    m = re.search(r"(?:Error: )?'[^']*' failed: (.*)", text) or re.search(r"Error in .*? at \S+:\d+: (.*)", text)
+    if m:  # faiss's own words, without its C++ signature and source position
         return m.group(1).strip().splitlines()[0]
     for line in text.splitlines():
         line = line.strip()

@@ -218,6 +218,9 @@ def one_line(r, *words):
 def test_bad_index_input_is_one_line(embedded, tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
     base = ("--workdir", embedded, "--executor", "local", "--no-progress", "--force")
     one_line(invoke("index-train", *base, "--index-str", "IVF8,Bogus"), "--index-str 'IVF8,Bogus': faiss rejects")
+    r = invoke("index-train", *base, "--index-str", "Blah")  # faiss's words, not its C++ signature
+    one_line(r, "--index-str 'Blah': faiss rejects", "(could not parse index string Blah)")
+    assert "std::" not in r.stderr and "index_factory.cpp" not in r.stderr
     one_line(invoke("index-train", *base, "--index-str", "HNSW8,Flat"), "cannot take precomputed codes")
     one_line(invoke("index-train", *base, "--index-str", "IVF4096,Flat"), "400 training vectors for 4096 IVF lists")
     one_line(invoke("index-train", *base, "--index-str", "auto", "--index-memory", "10"), "too small for any index")
