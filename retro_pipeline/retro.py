@@ -176,6 +176,10 @@ def get_pt_sample(split: str, idx: int) -> dict[str, np.ndarray]:
     (dataset_idx, doc_id) of the documents the sample spans, none of which is ever its neighbor."""
     s, idx = _s(), int(idx)
     ds = s.dataset(split)
+    if not len(ds):
+        why = "--train-samples, --seq-length" if split == "train" else "--eval-iters, --global-batch-size"
+        raise RetroError(f"{s.root}: the {split} split has no samples (Megatron's training asks none of it by "
+                         f"{why}); nothing to show")
     if not 0 <= idx < len(ds):
         raise RetroError(f"{s.root}: sample {idx} out of range; the {split} split has {len(ds)} samples "
                          f"(0..{len(ds) - 1})")

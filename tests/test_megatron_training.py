@@ -91,3 +91,11 @@ def test_no_evaluation_still_gives_megatron_every_split_directory(tmp_path, gpt_
         d = wd / "query" / stored["retro_neighbor_dirs"][split]
         assert d.is_dir() and not list(d.iterdir())
     assert check_megatron_reads_workdir(wd, "90,5,5") == q["n_samples_train"]
+    from click.testing import CliRunner
+
+    from retro_pipeline.cli import cli
+
+    r = CliRunner().invoke(cli, ["inspect", "--workdir", str(wd), "sample", "valid", "0"])
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        f"error: {wd}: the valid split has no samples (Megatron's training asks none of it by --eval-iters, "
+        f"--global-batch-size); nothing to show"], r.stderr
