@@ -167,11 +167,14 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tiny_bert_dir, pairs_file):
     assert big["step"] == acc["step"] == 1 and big["finished"]
     a, b = _weights(big["output_dir"]), _weights(acc["output_dir"])
     assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    # one AdamW step moves a weight by up to lr (1e-3) whatever its gradient's size, so float32 summation order
-    # (batched vs accumulated, and torch's threaded reductions run to run) shows on near-zero gradients: up to
-    # 2.5e-6 measured. 1% of a step: an accumulation that dropped or mis-weighted a micro-batch moves ~lr.
-    assert worst <= 1e-5, worst
+    diff = torch.cat([(a[k] - b[k]).abs().reshape(-1) for k in a])
+    # one AdamW step moves a weight by up to lr (1e-3) whatever its gradient's size (lr * g / (|g| + eps)), so
+    # float32 summation order (batched vs accumulated, torch's threaded reductions run to run) shows on the few
+    # weights whose gradient is near eps: up to 1.3e-5 measured on one in a clean-clone CI run. An accumulation
+    # that dropped or mis-weighted a micro-batch changes every gradient: all but a few weights within 1e-6 (0.1%
+    # of a step), none beyond 5% of a step.
+    worst, off = float(diff.max()), float((diff > 1e-6).float().mean())
+    assert worst <= 5e-5 and off <= 1e-3, (worst, off)
     start = _weights_start(tiny_bert_dir)
     assert any(not torch.equal(a[k], start[k]) for k in a)  # it did train
     assert _losses(big["output_dir"])[0]["loss"] == pytest.approx(_losses(acc["output_dir"])[0]["loss"], rel=1e-5)
