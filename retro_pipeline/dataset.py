@@ -30,10 +30,14 @@ class RetroSamples:
     """``RetroSamples(workdir, split, num_neighbors=None, num_continuations=2)``: item ``i`` is the dict above.
 
     ``num_neighbors`` (k) defaults to the build's ``--num-neighbors-save``; ``num_continuations`` is r, the
-    chunks per neighbor including the neighbor itself. An error unless query-neighbors has finished.
+    chunks per neighbor including the neighbor itself. An error unless query-neighbors has finished, and where
+    ``retro-pipeline status`` calls the neighbors or the DB stale (a corpus or tokenizer file changed since,
+    or settings): ``allow_changed=True`` reads them anyway, with a
+    :class:`~retro_pipeline.read.ChangedInputWarning` (None: no check, the caller made it).
     """
 
-    def __init__(self, workdir, split: str, num_neighbors: int | None = None, num_continuations: int = 2):
+    def __init__(self, workdir, split: str, num_neighbors: int | None = None, num_continuations: int = 2,
+                 allow_changed: bool | None = False):
         from retro_pipeline.read import WorkdirReader
         from retro_pipeline.tokenizers import load_gpt_tokenizer
         from retro_pipeline.workdir import Workdir
@@ -42,6 +46,8 @@ class RetroSamples:
         reader = WorkdirReader(self.workdir)
         cfg = reader.config
         self.split, self.files = split, reader.neighbor_files(split)
+        if allow_changed is not None:
+            reader.check_built(["db-build", "query-neighbors"], allow_changed)
         self.seq_length, self.chunk_length = cfg.seq_length, cfg.chunk_length
         self.L = cfg.seq_length // cfg.chunk_length
         self.n_samples = self.files[-1][1] // self.L if self.files else 0

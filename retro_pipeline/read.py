@@ -6,6 +6,7 @@ Stages, the CLI's summaries and tests read a finished workdir only through here;
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,8 +16,60 @@ import numpy as np
 from retro_pipeline.errors import RetroError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
     from retro_pipeline.config import Config
     from retro_pipeline.workdir import Workdir
+
+
+class ChangedInputWarning(UserWarning):
+    """A workdir was read with ``allow_changed=True`` although what it was built from changed since."""
+
+
+def stale_reason(workdir: "Workdir", stages: "Iterable[str]") -> tuple[str, str] | None:
+    """Why the outputs of ``stages`` no longer match what they were made from, as ``retro-pipeline status``
+    says it (an input file that changed or is gone, or changed settings), or None where none of them is stale.
+
+    Returns (the first stage built from that change, the change). As cheap as ``status``: each recorded input
+    file is stat'ed, and hashed only where its mtime changed.
+    """
+    from retro_pipeline.pipeline import status
+
+    st = status(workdir)
+    hit = [st[s]["stale"] for s in stages if st.get(s, {}).get("stale")]
+    if not hit:
+        return None
+    first = next(name for name, v in st.items() if v.get("stale") == hit[0])  # status is in pipeline order
+    return first, hit[0]
+
+
+def check_built(workdir: "Workdir", stages: "Iterable[str]", allow_changed: bool = False,
+                option: str = "allow_changed=True", warn: "Callable[[str], None] | None" = None) -> str | None:
+    """Refuse to read the outputs of ``stages`` when ``status`` calls them stale: a one-line RetroError naming
+    the change and the fix; with ``allow_changed``, ``warn`` (default: a :class:`ChangedInputWarning`) the
+    same line instead and return it. ``option`` is how the caller's user allows it (``--allow-changed``)."""
+    why = stale_reason(workdir, stages)
+    if why is None:
+        return None
+    stage, change = why
+    root = workdir.root
+    msg = (f"{root}: {stage} is stale, made from what changed since: {change}; rebuild it with 'retro-pipeline "
+           f"build --workdir {root} --force' (or restore what changed), or pass {option} to read it as it is")
+    if not allow_changed:
+        raise RetroError(msg)
+    (warn or warn_changed)(msg)
+    return msg
+
+
+def warn_changed(msg: str) -> None:
+    """Issue ``msg`` as a :class:`ChangedInputWarning` attributed to the first caller outside this package."""
+    import os
+    import sys
+
+    here, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(1), 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(msg, ChangedInputWarning, stacklevel=level)
 
 
 class ChunkReader:
@@ -45,7 +98,12 @@ class ChunkReader:
 
 
 class WorkdirReader:
-    """A finished (or partly finished) workdir, for reading: ``WorkdirReader(Workdir(path))``."""
+    """A finished (or partly finished) workdir, for reading: ``WorkdirReader(Workdir(path))``.
+
+    It reads what is there, as the stages do while they build; a reader for people (``retro.init``,
+    ``RetroDataset``, ``inspect``) first calls :meth:`check_built`, which refuses outputs that ``status`` calls
+    stale (an input file changed since, or settings).
+    """
 
     def __init__(self, workdir: "Workdir"):
         self.workdir = workdir
@@ -60,6 +118,10 @@ class WorkdirReader:
             raise RetroError(f"{self.workdir.root}: not a retro-pipeline workdir (no config.json); run "
                              f"'retro-pipeline build --workdir {self.workdir.root}' first")
         return resolve(stored, {})[0]
+
+    def check_built(self, stages: "Iterable[str]", allow_changed: bool = False, **how) -> str | None:
+        """:func:`check_built` for this workdir: call it before reading the outputs of ``stages``."""
+        return check_built(self.workdir, stages, allow_changed, **how)
 
     @cached_property
     def chunk_reader(self) -> ChunkReader:

@@ -18,13 +18,16 @@ from retro_pipeline.errors import RetroError
 
 
 class _State:
-    def __init__(self, workdir):
+    def __init__(self, workdir, allow_changed: bool = False, option: str = "allow_changed=True", warn=None):
         from retro_pipeline.read import WorkdirReader
         from retro_pipeline.workdir import Workdir
 
         self.reader = WorkdirReader(workdir if isinstance(workdir, Workdir) else Workdir(workdir))
         self.root = self.reader.workdir.root
+        self.allow_changed, self.option, self.warn = allow_changed, option, warn
+        self.warned: set[str] = set()
         self.config = self.reader.config  # not a workdir: an error here
+        self.check(["db-build"])  # the DB and the corpus it points into; a changed corpus: an error here
         self.n_chunks = self.reader.db_num_chunks("train")  # no DB yet: an error here
         self.samples: dict = {}
         self.datasets: dict = {}
@@ -44,23 +47,49 @@ class _State:
             self.samples[split] = self.reader.samples(split)
         return self.samples[split]
 
+    def check(self, stages) -> None:
+        """Refuse (or, with allow_changed, warn once per change) where ``stages`` are stale."""
+        self.reader.check_built(stages, self.allow_changed, option=self.option, warn=self._warn)
+
+    def _warn(self, msg: str) -> None:
+        if msg not in self.warned:
+            self.warned.add(msg)
+            if self.warn is not None:
+                self.warn(msg)
+            else:
+                from retro_pipeline.read import warn_changed
+
+                warn_changed(msg)
+
     def dataset(self, split: str):
         if split not in self.datasets:
             from retro_pipeline.dataset import RetroSamples
 
-            self.datasets[split] = RetroSamples(self.reader.workdir, split)
+            self.check(["db-build", "query-neighbors"])
+            self.datasets[split] = RetroSamples(self.reader.workdir, split, allow_changed=None)
         return self.datasets[split]
 
 
 _state: _State | None = None
 
 
-def init(workdir) -> None:
+def init(workdir, allow_changed: bool = False) -> None:
     """Read the workdir ``workdir`` (a path or :class:`~retro_pipeline.workdir.Workdir`) from now on; it needs a
     finished db-build, and query-neighbors for the pretraining-sample functions. Prints nothing (Megatron's
-    prints a usage summary)."""
+    prints a usage summary).
+
+    What ``retro-pipeline status`` calls stale is refused as the build refuses it: a corpus or tokenizer file
+    that changed since the DB was built (its texts would not be the DB's), or the neighbors of a stale
+    query-neighbors. ``allow_changed=True`` reads them anyway, with a
+    :class:`~retro_pipeline.read.ChangedInputWarning`."""
+    _init(workdir, allow_changed)
+
+
+def _init(workdir, allow_changed: bool = False, option: str = "allow_changed=True", warn=None) -> None:
+    """:func:`init`; ``option`` names how the user allows a changed input, ``warn`` says it (the CLI's)."""
     global _state
-    _state = _State(workdir)
+    _state = None
+    _state = _State(workdir, allow_changed, option, warn)
 
 
 def _s() -> _State:
@@ -164,10 +193,13 @@ def get_pt_num_chunks(split: str) -> int:
 
 
 def get_pt_dataset(split: str, num_neighbors: int | None = None, num_continuations: int = 2):
-    """The :class:`~retro_pipeline.dataset.RetroDataset` (a torch Dataset) of ``split``."""
+    """The :class:`~retro_pipeline.dataset.RetroDataset` (a torch Dataset) of ``split``; stale neighbors are
+    refused, or allowed with a warning, as :func:`init` was told."""
     from retro_pipeline.dataset import RetroDataset
 
-    return RetroDataset(_s().reader.workdir, split, num_neighbors, num_continuations)
+    s = _s()
+    s.check(["db-build", "query-neighbors"])
+    return RetroDataset(s.reader.workdir, split, num_neighbors, num_continuations, allow_changed=None)
 
 
 def get_pt_sample(split: str, idx: int) -> dict[str, np.ndarray]:
