@@ -11,10 +11,19 @@ import click
 from retro_pipeline.cli import cli
 
 
+ALLOW_CHANGED_HELP = ("Read it even where 'retro-pipeline status' calls it stale (a corpus or tokenizer file "
+                      "changed since it was built, or settings), with a warning; without it that is an error.")
+
+
+def _allow_changed(f):
+    return click.option("--allow-changed", is_flag=True, help=ALLOW_CHANGED_HELP)(f)
+
+
 @cli.group("inspect")
 @click.option("--workdir", "-w", type=click.Path(file_okay=False), help="The build directory to read.")
+@_allow_changed
 @click.pass_context
-def inspect_cmd(ctx, workdir):
+def inspect_cmd(ctx, workdir, allow_changed):
     """Show what a build wrote, as text: a chunk of the chunk DB, or a pretraining sample and its neighbors.
 
     \b
@@ -24,32 +33,54 @@ def inspect_cmd(ctx, workdir):
 
     The same in Python: from retro_pipeline import retro; retro.init("W"); retro.get_db_chunk_text(42);
     retro.print_neighbor_texts(0, 0, "train"). For training loops: retro_pipeline.dataset.RetroDataset.
+
+    What 'retro-pipeline status' calls stale (a corpus file changed since the build, say) is an error unless
+    --allow-changed is given (before or after the subcommand).
     """
-    ctx.obj = workdir
+    ctx.obj = {"workdir": workdir, "allow_changed": allow_changed}
 
 
-def _retro(ctx):
+def _retro(ctx, allow_changed: bool):
+    import logging
+
     from retro_pipeline import retro
 
-    if not ctx.obj:
+    if not ctx.obj["workdir"]:
         raise click.UsageError("Missing option '--workdir' (it goes before the subcommand: "
                                "inspect --workdir W db 0)")
-    retro.init(ctx.obj)
+    retro._init(ctx.obj["workdir"], allow_changed or ctx.obj["allow_changed"], option="--allow-changed",
+                warn=logging.getLogger(__name__).warning)
     return retro
 
 
 def _short(text: str, width: int) -> str:
+    """``repr(text)`` in at most ``width`` characters where it fits, else the repr of its longest start that
+    fits with '…+N' after it (N characters cut): the text is cut, never its repr, so no escape is broken."""
     r = repr(text)
-    return r if len(r) <= width else r[:width - 4] + "...'"
+    if len(r) <= width:
+        return r
+
+    def cut(k: int) -> str:
+        return f"…+{len(text) - k}"
+
+    lo, hi = 0, min(len(text), width)  # the longest k with repr(text[:k]) + cut(k) within width (or k = 0)
+    while lo < hi:
+        k = (lo + hi + 1) // 2
+        if len(repr(text[:k])) + len(cut(k)) <= width:
+            lo = k
+        else:
+            hi = k - 1
+    return repr(text[:lo]) + cut(lo)
 
 
 @inspect_cmd.command("db")
 @click.argument("chunk_id", type=int)
+@_allow_changed
 @click.pass_context
-def inspect_db(ctx, chunk_id):
+def inspect_db(ctx, chunk_id, allow_changed):
     """Chunk CHUNK_ID of the train DB (its row in db/merged/train.hdf5, the id neighbors refer to): its corpus,
     document, token range, BERT length, GPT tokens and text, and the text of the chunk that continues it."""
-    retro = _retro(ctx)
+    retro = _retro(ctx, allow_changed)
     ds, doc, a, b, blen = (int(x) for x in retro.get_db_chunk_rows([chunk_id])[0])
     prefix = retro.get_db_indexed_dataset_infos()[ds][1]
     text, cont = retro.get_db_chunk_and_continuation_text(chunk_id)
@@ -67,13 +98,15 @@ def inspect_db(ctx, chunk_id):
 @click.option("--neighbors", "-k", "k", type=click.IntRange(min=0), default=2, show_default=True,
               help="Neighbors shown per chunk, in rank order (0: every saved one).")
 @click.option("--width", type=click.IntRange(min=10), default=80, show_default=True,
-              help="Characters shown of each text.")
+              help="Characters shown of each text (its repr); a longer one is cut, ending in '…+N', N characters "
+                   "cut.")
+@_allow_changed
 @click.pass_context
-def inspect_sample(ctx, split, index, k, width):
+def inspect_sample(ctx, split, index, k, width, allow_changed):
     """Sample INDEX of SPLIT (train, valid or test) as query-neighbors saw it: the documents it spans (never its
     neighbors' documents), then per chunk its text and each neighbor as '#chunk_id dataset/doc: text → text of
     its continuation', or '(none)' where fewer neighbors were left."""
-    retro = _retro(ctx)
+    retro = _retro(ctx, allow_changed)
     s = retro.get_pt_sample(split, index)
     L, K, R = s["neighbor_chunks"].shape
     cl = s["neighbor_tokens"].shape[-1] // R
