@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from embedder.atomic import atomic_dir
 from embedder.errors import UserError
-from embedder.settings import DTYPE_ALIASES, DTYPE_NAMES, POOLINGS, resolve_model
+from embedder.settings import DTYPE_ALIASES, DTYPE_NAMES, EMBEDDER_FIX, MODEL_FIX, POOLINGS, no_hf_bars, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class Encoder(torch.nn.Module):
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, pooling: str | None = None,
              normalize: bool | None = None, max_length: int | None = None, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None, num_threads: int | None = None) -> "Encoder":
+             dtype: str | torch.dtype | None = None, num_threads: int | None = None,
+             option: str | None = None) -> "Encoder":
         """Load a Hugging Face encoder: a directory, or a hub id (``None`` is the packaged MiniLM).
 
         A hub id is resolved by :func:`embedder.settings.resolve_model`: when the hub cannot be reached this
@@ -114,28 +115,34 @@ class Encoder(torch.nn.Module):
         ``device`` None means "cuda" when available, else "cpu". ``dtype`` is the compute dtype of
         :meth:`encode`: None means float16 on CUDA and float32 on CPU; float16/bfloat16 run under autocast
         (on CPU too when asked for explicitly, which is rarely faster). ``num_threads`` sets torch's CPU
-        thread count for the process (None leaves it alone).
+        thread count for the process (None leaves it alone). ``option`` is the command-line option that named
+        ``model`` when it is not ``--embedder`` (e.g. "--model"): errors then name it, and the fix in its terms.
+        transformers' weight-loading bar is not shown.
         """
         from transformers import AutoModel, AutoTokenizer
 
         dtype = resolve_dtype(dtype)
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
-        name = resolve_model(model, "embedder")
+        what = option or "embedder"
+        fix = None if option is None else MODEL_FIX if option == "--model" else \
+            f"pass a train --output-dir, a model directory (config.json, weights, tokenizer) or a hub id as {option}"
+        name = resolve_model(model, what, fix or EMBEDDER_FIX)
         if os.path.exists(name):
-            _check_model_dir(name)
+            _check_model_dir(name, what, fix)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         for part in ("model", "tokenizer"):
             try:
                 if part == "model":
-                    hf_model = AutoModel.from_pretrained(name, dtype=torch.float32)
+                    with no_hf_bars():
+                        hf_model = AutoModel.from_pretrained(name, dtype=torch.float32)
                 else:
                     tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
             except _load_errors() as e:
-                raise UserError(f"cannot load the {part} of embedder '{name}' ({_first_line(e)}); pass a "
-                                "directory holding a Hugging Face model (config.json, weights, tokenizer) "
-                                "or a hub id") from None
+                raise UserError(f"cannot load the {part} of {what} '{name}' ({_first_line(e)}); " + (
+                    fix or "pass a directory holding a Hugging Face model (config.json, weights, tokenizer) or a "
+                           "hub id")) from None
         if not getattr(tokenizer, "is_fast", True):
             raise UserError(f"the tokenizer of '{name}' has no fast (Rust) version; convert it with "
                              "AutoTokenizer.from_pretrained(...).save_pretrained(...) after installing tokenizers")
@@ -311,25 +318,36 @@ class Encoder(torch.nn.Module):
 # ---------------------------------------------------------------------- saving and loading
 
 
-def _check_model_dir(path: str) -> None:
+def _check_model_dir(path: str, what: str = "embedder", fix: str | None = None) -> None:
     """A local model must be a directory with config.json and a tokenizer (transformers would otherwise fail
-    with a misleading message, or, for a missing tokenizer, silently build one with an empty vocabulary)."""
-    fix = "pass the directory that holds the whole model (config.json, weights, tokenizer), e.g. one saved by " \
-          "Encoder.save"
+    with a misleading message, or, for a missing tokenizer, silently build one with an empty vocabulary).
+    A train --output-dir whose run has not finished (checkpoints, no final model) is named as such."""
+    fix = fix or "pass the directory that holds the whole model (config.json, weights, tokenizer), e.g. one saved " \
+                 "by Encoder.save"
     if not os.path.isdir(path):
-        raise UserError(f"embedder '{path}' is a file, not a model directory; {fix}")
+        raise UserError(f"{what} '{path}' is a file, not a model directory; {fix}")
     files = set(os.listdir(path))
     has_config = "config.json" in files
     has_tokenizer = bool(files & {"tokenizer.json", "vocab.txt", "vocab.json"}) or any(
         f.endswith(".model") for f in files)  # spiece.model, sentencepiece.bpe.model, tokenizer.model
+    if not has_config:
+        from embedder.trainer import LOSS_LOG, list_checkpoints
+
+        found = list_checkpoints(path)
+        if found or LOSS_LOG in files:
+            newest = f"its newest checkpoint is {found[-1][1]}" if found else "it wrote no checkpoint yet"
+            again = "run the same train command with --resume latest to finish it" if found else \
+                "train again into it"
+            raise UserError(f"{what} '{path}' is a train --output-dir whose run has not finished: no final model yet "
+                            f"({newest}); {again}, or pass a finished one")
     if not has_config and not has_tokenizer:
-        raise UserError(f"embedder directory '{path}' holds no Hugging Face model (no config.json, no tokenizer "
+        raise UserError(f"{what} directory '{path}' holds no Hugging Face model (no config.json, no tokenizer "
                         f"files); {fix}")
     if not has_config:
-        raise UserError(f"embedder directory '{path}' has a tokenizer but no model (no config.json and weights); "
+        raise UserError(f"{what} directory '{path}' has a tokenizer but no model (no config.json and weights); "
                         f"{fix}")
     if not has_tokenizer:
-        raise UserError(f"embedder directory '{path}' has a model but no tokenizer (no tokenizer.json, vocab.txt, "
+        raise UserError(f"{what} directory '{path}' has a model but no tokenizer (no tokenizer.json, vocab.txt, "
                         f"vocab.json or *.model); save the tokenizer it was trained with into it "
                         f"(tokenizer.save_pretrained), or {fix}")
 

@@ -4,6 +4,7 @@ and how a model name that is not a path is resolved (the Hugging Face hub, faili
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -56,10 +57,17 @@ def in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def resolve_model(spec: str | os.PathLike | None, what: str = "embedder") -> str:
+EMBEDDER_FIX = "pass a local model directory, or leave --embedder out for the packaged all-MiniLM-L6-v2"
+# The fix where an encoder is named by --model (train, evaluate, mine-negatives).
+MODEL_FIX = ("pass a train --output-dir, a model directory (config.json, weights, tokenizer) or a hub id, or leave "
+             "--model out for the packaged all-MiniLM-L6-v2")
+
+
+def resolve_model(spec: str | os.PathLike | None, what: str = "embedder", fix: str = EMBEDDER_FIX) -> str:
     """A model name as ``from_pretrained`` takes it: None is the packaged default; a path is itself; a hub id
     is checked against the hub first, so that an offline machine fails in seconds with the whole message.
-    The packaged model's own hub ids resolve to the packaged copy when the hub is unreachable."""
+    The packaged model's own hub ids resolve to the packaged copy when the hub is unreachable. ``what``
+    names the model in errors (e.g. "embedder", "--model"); ``fix`` ends them."""
     if spec is None:
         return default_model_path()
     spec = os.fspath(spec)
@@ -72,5 +80,19 @@ def resolve_model(spec: str | os.PathLike | None, what: str = "embedder") -> str
         log.info("%s '%s': the hub is unreachable (%s); using the packaged copy", what, spec, problem)
         return default_model_path()
     raise UserError(f"{what} '{spec}' is not a file or directory, and the Hugging Face hub cannot be reached "
-                    f"to fetch it ({problem}); pass a local model directory, or leave --embedder out for the "
-                    f"packaged all-MiniLM-L6-v2")
+                    f"to fetch it ({problem}); {fix}")
+
+
+@contextlib.contextmanager
+def no_hf_bars():
+    """No transformers "Loading weights" / "Writing model shards" bars while a model loads or saves (a
+    second's bar, on stderr even where no progress was asked for); the setting is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

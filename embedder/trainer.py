@@ -60,6 +60,7 @@ import numpy as np
 
 from embedder.atomic import atomic_dir, atomic_path
 from embedder.errors import UserError
+from embedder.settings import no_hf_bars
 from embedder.tasks.base import Task, TaskOptions
 
 log = logging.getLogger(__name__)
@@ -483,19 +484,9 @@ def _param_groups(module, params, weight_decay: float) -> list[dict]:
 # ====================================================================== the loop
 
 
-@contextlib.contextmanager
-def _no_hf_bars():
-    """No transformers "Loading weights" / "Writing model shards" bars (a second's bar per worker, around the
-    training bar, and there even with --no-progress)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
+# No transformers "Loading weights" / "Writing model shards" bars (a second's bar per worker, around the
+# training bar, and there even with --no-progress).
+_no_hf_bars = no_hf_bars
 
 
 def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:

@@ -288,4 +288,4 @@ def _encoder_and_pairs(model, path):
     from embedder.encoder import Encoder
 
     rows = read_rows(path, _PairRows())  # the file first: a bad line fails before the model loads
-    return Encoder.load(model), rows
+    return Encoder.load(model, option="--model"), rows

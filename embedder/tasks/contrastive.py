@@ -112,7 +112,7 @@ class ContrastiveTask(Task):
     def build(self, device) -> ContrastiveModel:
         from embedder.encoder import Encoder
 
-        encoder = Encoder.load(self.options.model, pooling=self.options.pooling, device=device)
+        encoder = Encoder.load(self.options.model, pooling=self.options.pooling, device=device, option="--model")
         bad = [m for m in self.options.matryoshka_dims if m > encoder.dim]
         if bad:
             raise UserError(f"matryoshka dims {bad} exceed the encoder's dimension {encoder.dim}")
@@ -135,9 +135,9 @@ class ContrastiveTask(Task):
             from transformers import AutoConfig, AutoTokenizer
 
             from embedder.encoder import _read_settings
-            from embedder.settings import resolve_model
+            from embedder.settings import MODEL_FIX, resolve_model
 
-            name = resolve_model(self.options.model, "embedder")
+            name = resolve_model(self.options.model, "--model", MODEL_FIX)
             self._tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
             limit = _read_settings(name).get("max_length")
             if limit is None:

@@ -60,15 +60,17 @@ def _config(name: str, what: str):
     from transformers import AutoConfig
 
     from embedder.encoder import _check_model_dir, _first_line, _load_errors
-    from embedder.settings import resolve_model
+    from embedder.settings import MODEL_FIX, resolve_model
 
-    path = resolve_model(name, what)
+    fix = MODEL_FIX if what == "--model" else f"pass a model directory (config.json, weights, tokenizer) or a hub " \
+                                              f"id as {what}"
+    path = resolve_model(name, what, fix)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        _check_model_dir(path)
+        _check_model_dir(path, what, fix)
     try:
         return path, AutoConfig.from_pretrained(path)
     except _load_errors() as e:
-        raise UserError(f"cannot load the config of the {what} '{path}' ({_first_line(e)})") from None
+        raise UserError(f"cannot load the config of {what} '{path}' ({_first_line(e)})") from None
 
 
 class CustomTask(RetroMAETask):
@@ -87,8 +89,8 @@ class CustomTask(RetroMAETask):
     def check_vocabularies(self):
         """(main path, main config, document path, document config); UserError when the vocabulary sizes
         differ."""
-        main_path, main_cfg = _config(self.options.model, "main model")
-        doc_path, doc_cfg = _config(self.options.document_model, "document encoder")
+        main_path, main_cfg = _config(self.options.model, "--model")
+        doc_path, doc_cfg = _config(self.options.document_model, "--document-model")
         main_v, doc_v = getattr(main_cfg, "vocab_size", None), getattr(doc_cfg, "vocab_size", None)
         if main_v != doc_v:
             raise UserError(f"task custom: the document encoder '{doc_path}' has a vocabulary of {doc_v} tokens "

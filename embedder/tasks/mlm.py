@@ -202,14 +202,14 @@ class MLMTask(MaskedTextTask):
 
     def build(self, device) -> MLMModel:
         from embedder.encoder import Encoder
-        from embedder.settings import resolve_model
+        from embedder.settings import MODEL_FIX, resolve_model
 
         o = self.options
         if o.model_config is None:
-            encoder = Encoder.load(o.model, pooling=o.pooling, device=device)
+            encoder = Encoder.load(o.model, pooling=o.pooling, device=device, option="--model")
             need_mask_token(encoder.tokenizer, f"'{o.model}'")
             self._tokenizer, self._limit = encoder.tokenizer, encoder.max_length
-            head = mlm_head(encoder.model, resolve_model(o.model, "embedder"))
+            head = mlm_head(encoder.model, resolve_model(o.model, "--model", MODEL_FIX))
             return MLMModel(encoder, head).to(device).train()
         tokenizer, limit = self.tokenizer_and_limit()
         base = scratch_model(self._config, o)

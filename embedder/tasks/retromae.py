@@ -150,11 +150,11 @@ def encoder_tokenizer(model: str | None):
     from transformers import AutoConfig, AutoTokenizer
 
     from embedder.encoder import _check_model_dir, _first_line, _load_errors, _read_settings
-    from embedder.settings import resolve_model
+    from embedder.settings import MODEL_FIX, resolve_model
 
-    name = resolve_model(model, "embedder")
+    name = resolve_model(model, "--model", MODEL_FIX)
     if os.path.exists(name):
-        _check_model_dir(name)
+        _check_model_dir(name, "--model", MODEL_FIX)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
         positions = getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
@@ -452,7 +452,7 @@ class RetroMAETask(MaskedTextTask):
         """The encoder (pooling cls) and its MLM head: loaded from ``model``, or built with random weights
         from ``model_config`` and ``tokenizer``."""
         from embedder.encoder import Encoder
-        from embedder.settings import resolve_model
+        from embedder.settings import MODEL_FIX, resolve_model
 
         if self.options.model_config is not None:
             from embedder.tasks.mlm import scratch_model
@@ -460,12 +460,12 @@ class RetroMAETask(MaskedTextTask):
             tokenizer, limit = self.tokenizer_and_limit()
             base = scratch_model(self._config, self.options)
             return Encoder(base, tokenizer, pooling="cls", normalize=False, max_length=limit), mlm_head(base)
-        encoder = Encoder.load(self.options.model, pooling="cls", device=device)
+        encoder = Encoder.load(self.options.model, pooling="cls", device=device, option="--model")
         where = f"'{self.options.model}'"
         need_mask_token(encoder.tokenizer, where)
         need_leading_special(encoder.tokenizer, where)
         self._tokenizer, self._limit = encoder.tokenizer, encoder.max_length
-        return encoder, mlm_head(encoder.model, resolve_model(self.options.model, "embedder"))
+        return encoder, mlm_head(encoder.model, resolve_model(self.options.model, "--model", MODEL_FIX))
 
     def build(self, device) -> RetroMAEModel:
         encoder, head = self.load_encoder(device)
