@@ -26,7 +26,9 @@ Checkpoints: every ``save_every`` steps (and at the last step of a run) rank 0 w
 ``output_dir/checkpoints/step-<N>/`` atomically: ``trainer_state.pt`` (model, optimizer, scheduler,
 GradScaler, step, RNG states; loaded with ``torch.load(weights_only=True)``), ``sampler.json`` and
 ``meta.json``. ``resume`` ("latest" or a checkpoint directory) continues exactly: on CPU the resumed run's
-final weights equal an uninterrupted run's bit for bit (same settings, same worker count).
+final weights equal an uninterrupted run's bit for bit (same settings, same worker count). ``resume="latest"``
+with no checkpoint is refused, and so is a run without ``resume`` into an ``output_dir`` that holds
+checkpoints (:func:`refuse_existing_run`; the ``train`` command also refuses one that holds a finished model).
 
 At the end rank 0 saves the encoder (``task.save``: only the encoder) into ``output_dir``, next to
 ``checkpoints/``, ``loss_log.jsonl`` and ``training_args.json``; ``embedder.Encoder.load(output_dir)`` and
@@ -212,6 +214,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.tensorboard:
         _summary_writer_class()
     task_class(cfg.task)
+    if cfg.resume:
+        resolve_resume(cfg)          # a resume with nothing to resume from fails before anything loads
+    else:
+        refuse_existing_run(cfg, finished=False)
 
 
 def task_class(task) -> type[Task]:
@@ -254,16 +260,43 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def finished_model(output_dir: str) -> bool:
+    """Whether ``output_dir`` holds the final model of a finished run (:func:`save_model`'s manifest)."""
+    return (Path(output_dir) / MODEL_MANIFEST).is_file() or (Path(output_dir) / TRAINING_ARGS).is_file()
+
+
+def refuse_existing_run(cfg: TrainConfig, finished: bool = True) -> None:
+    """A run without ``resume`` starts at step 0: it must not write its checkpoints beside an earlier run's
+    (step-4 over the old step-4, next to the old step-8, which a later ``--resume latest`` would then take),
+    nor, with ``finished``, train over an earlier run's final model. Either is a :class:`UserError` naming
+    ``output_dir`` and the fix. (The Python API refuses checkpoints only; the ``train`` command both.)"""
+    found = list_checkpoints(cfg.output_dir)
+    done = finished and finished_model(cfg.output_dir)
+    if found:
+        what = f"checkpoints of an earlier run (newest: {found[-1][1]})" + (" and its final model" if done else "")
+        raise UserError(f"--output-dir {cfg.output_dir} already holds {what}; continue that run with --resume "
+                        f"latest, or pass another or an empty --output-dir to start a new one")
+    if done:
+        raise UserError(f"--output-dir {cfg.output_dir} already holds the final model of a finished run (and no "
+                        f"checkpoint to resume from); pass another or an empty --output-dir (to train that model "
+                        f"further: --model {cfg.output_dir} and a new --output-dir)")
+
+
 def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint directory ``cfg.resume`` names (None: start fresh)."""
+    """The checkpoint directory ``cfg.resume`` names (None: start fresh). ``latest`` with no checkpoint under
+    ``output_dir`` is a :class:`UserError` (it does not quietly start over)."""
     if not cfg.resume:
         return None
     if cfg.resume == "latest":
         found = list_checkpoints(cfg.output_dir)
         if not found:
-            log.warning("--resume latest: no checkpoint under %s yet; starting from step 0",
-                        Path(cfg.output_dir) / CHECKPOINTS)
-            return None
+            where = Path(cfg.output_dir) / CHECKPOINTS
+            if finished_model(cfg.output_dir):
+                raise UserError(f"--resume latest: no checkpoint under {where} (the run there finished without "
+                                f"--save-every); to train its model further pass --model {cfg.output_dir} and a "
+                                f"new --output-dir, without --resume")
+            raise UserError(f"--resume latest: no checkpoint under {where} to continue from (checkpoints are "
+                            f"written by --save-every N and --stop-after N); leave --resume out to start from step 0")
         return found[-1][1]
     p = Path(cfg.resume)
     if (p / CHECKPOINTS).is_dir() and not (p / STATE_FILE).exists():  # an output dir: its latest checkpoint

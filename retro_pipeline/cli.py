@@ -121,12 +121,12 @@ class RetroCLI(click.Group):
         previous = signal.signal(signal.SIGTERM, _sigterm)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            return _stop("interrupted; run the same command again (a build resumes where it stopped)", 130, standalone_mode)
-        except _Terminated:
-            return _stop("terminated (SIGTERM); run the same command again (a build resumes where it stopped)", 143, standalone_mode)
-        except KeyboardInterrupt:
-            return _stop("interrupted; run the same command again (a build resumes where it stopped)", 130, standalone_mode)
+        except click.exceptions.Abort as e:
+            return _stop(f"interrupted; {_resume_hint(e)}", 130, standalone_mode)
+        except _Terminated as e:
+            return _stop(f"terminated (SIGTERM); {_resume_hint(e)}", 143, standalone_mode)
+        except KeyboardInterrupt as e:
+            return _stop(f"interrupted; {_resume_hint(e)}", 130, standalone_mode)
         except click.ClickException as e:
             cmd = " ".join(a for a in (prog_name or "retro-pipeline", *(sys.argv[1:2] if args is None else args[:1])))
             return _stop(f"{e.format_message()} (see '{cmd} --help')", e.exit_code, standalone_mode)
@@ -150,6 +150,15 @@ class _Terminated(Exception):
 
 def _sigterm(signum, frame):
     raise _Terminated()
+
+
+def _resume_hint(e: BaseException) -> str:
+    """How to go on after Ctrl-C / SIGTERM: the command's own words (a ``resume_hint`` it set on the exception,
+    as ``train`` does; click's Abort carries the KeyboardInterrupt as its cause), else a build's."""
+    for x in (e, e.__cause__, e.__context__):
+        if getattr(x, "resume_hint", None):
+            return x.resume_hint
+    return "run the same command again (a build resumes where it stopped)"
 
 
 def _stop(message: str, code: int, standalone: bool):

@@ -7,6 +7,7 @@ Nothing here imports torch or ray until a command runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
@@ -135,7 +136,7 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
       retro-pipeline build --workdir W --embedder enc ...
     """
     from embedder.tasks.base import TaskOptions
-    from embedder.trainer import TrainConfig, train
+    from embedder.trainer import TrainConfig, refuse_existing_run, train
 
     options = TaskOptions(model=model, **{k: v for k, v in task_opts.items()
                                           if v is not None and v != () and v is not False})
@@ -146,11 +147,18 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
                       keep_checkpoints=keep_checkpoints, log_every=log_every, tensorboard=tensorboard,
                       resume=resume, stop_after=stop_after, num_workers=num_workers, use_gpu=use_gpu,
                       address=address, progress=not no_progress)
+    if not resume:
+        refuse_existing_run(cfg)  # never over an earlier run's checkpoints or final model
     if address or (num_workers > 1 and os.environ.get("RAY_ADDRESS")):
         from retro_pipeline.executor.ray import ensure_ray
 
         ensure_ray(address)  # fails in seconds on a dead address, follows 'auto', sends this machine's token
-    s = train(cfg)
+    try:
+        s = train(cfg)
+    except BaseException as e:  # Ctrl-C / SIGTERM: RetroCLI.main prints this hint after "interrupted; "
+        with contextlib.suppress(Exception):
+            e.resume_hint = _resume_hint(output_dir)
+        raise
     loss = s.get("final_loss")
     loss_text = f", last loss {loss:.4g}" if isinstance(loss, float) else ""
     if s.get("finished"):
@@ -160,8 +168,21 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
     else:
         click.echo(f"stopped {task} at step {s['step']} of {s['max_steps']}{loss_text}; checkpoint in "
                    f"{s['checkpoints'][-1] if s.get('checkpoints') else s['output_dir']} (continue with the "
-                   f"same command and --resume latest)")
+                   f"same command and --resume latest, with a later --stop-after or none)")
     return s
+
+
+def _resume_hint(output_dir: str) -> str:
+    """How to go on after a train run was interrupted: from its newest checkpoint with --resume latest, or,
+    with none written yet, from the start."""
+    from embedder.trainer import list_checkpoints
+
+    found = list_checkpoints(output_dir)
+    if found:
+        return (f"run the same command with --resume latest to continue from the newest checkpoint, "
+                f"{found[-1][1]} (step {found[-1][0]})")
+    return ("no checkpoint was written yet (--save-every N writes one every N steps); run the same command again "
+            "to start over")
 
 
 # ---------------------------------------------------------------------- evaluate, mine-negatives
