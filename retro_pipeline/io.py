@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 from embedder.atomic import atomic_dir, atomic_path, fsync_dir, tmp_path  # noqa: F401  (the one copy)
@@ -46,6 +47,32 @@ def failpoint(name: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+SLOW_AT_ENV = "RETRO_PIPELINE_SLOW_AT"
+
+
+def slowpoint(name: str) -> None:
+    """Lost-node test aid: with ``RETRO_PIPELINE_SLOW_AT=<name>:<seconds>[,...]`` set, first record where this
+    runs (a file ``<name>.<node id>.<pid>`` in ``RETRO_PIPELINE_SLOW_DIR``, the Ray node id where there is
+    one), then sleep, so that a test can take that node away while the work runs. Names are
+    ``<stage>:block`` (every block of a stage) and ``<stage>:finalize``."""
+    spec = os.environ.get(SLOW_AT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        at, _, seconds = item.rpartition(":")
+        if at == name:
+            where = os.environ.get("RETRO_PIPELINE_SLOW_DIR")
+            if where:
+                node = "local"
+                with contextlib.suppress(Exception):
+                    import ray
+
+                    if ray.is_initialized():
+                        node = ray.get_runtime_context().get_node_id()
+                Path(where, f"{name.replace(':', '.')}.{node}.{os.getpid()}").touch()
+            time.sleep(float(seconds))
 
 
 def sweep_temporaries(*dirs: str | os.PathLike) -> int:

@@ -85,7 +85,8 @@ class _Collect(logging.Handler):
 def run_capturing_logs(fn, *args):
     """On a worker: call ``fn(*args)`` with the messages of ``retro_pipeline``/``embedder`` loggers collected
     instead of printed; returns ``(result, records)``. The driver re-emits them with :func:`replay`, so a
-    worker's warning reads like the driver's own (no Ray ``(pid=...)`` prefix, through the driver's log)."""
+    worker's warning reads like the driver's own (no Ray ``(pid=...)`` prefix, through the driver's log). When
+    ``fn`` raises, the records logged until then ride on the exception as ``retro_log_records``."""
     collect = _Collect()
     saved = []
     for name in ("retro_pipeline", "embedder"):
@@ -96,6 +97,9 @@ def run_capturing_logs(fn, *args):
         logger.setLevel(logging.INFO)
     try:
         return fn(*args), collect.records
+    except BaseException as e:  # the warnings before a failure travel with it (see replay)
+        e.retro_log_records = collect.records
+        raise
     finally:
         for logger, handlers, propagate, level in saved:
             logger.handlers[:] = handlers

@@ -100,7 +100,7 @@ class Resources:
     gpus: float = 0.0
     memory: int | None = None  # bytes; None = no reservation
     max_per_node: int | None = None
-    whole_node: bool = False  # cpus = every CPU of the largest node (one-off jobs such as training)
+    whole_node: bool = False  # cpus = every CPU of the largest alive node (one-off jobs such as training)
 
 
 # ---------------------------------------------------------------------- blocks
@@ -164,7 +164,8 @@ class Stage:
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[tuple[Option, ...]] = ()
-    resources: ClassVar[Resources] = Resources()
+    resources: ClassVar[Resources] = Resources()  # each block worker
+    once_resources: ClassVar[Resources] = Resources()  # the one-off job (finalize): e.g. a whole node to train
     unit: ClassVar[str] = "rows"  # what Block.size counts, for progress bars
     group: ClassVar[str | None] = None  # a CLI command that runs every stage of the group (index-build)
 
@@ -219,7 +220,7 @@ class Stage:
         return {}
 
     def finalize(self, blocks: list[Block], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Combine the finished blocks once, as a one-off job on a worker with this stage's resources;
+        """Combine the finished blocks once, as a one-off job on a worker with ``once_resources``;
         ``results`` maps block name → its marker. Return a summary (JSON-serialisable)."""
         return {}
 

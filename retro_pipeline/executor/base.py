@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retro_pipeline.errors import StageFailed, UserError
-from retro_pipeline.io import failpoint, read_json, sweep_temporaries, write_json
+from retro_pipeline.io import failpoint, read_json, slowpoint, sweep_temporaries, write_json
 from retro_pipeline.stage import Block, Stage
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ INFRA_RETRIES = 10
 def run_block(stage: Stage, block: Block, state: Any) -> dict[str, Any]:
     """Process one block and describe its output for the completion marker."""
     t0 = time.perf_counter()
+    slowpoint(f"{stage.name}:block")
     counts = stage.process(block, state) or {}
     sizes = {p: os.path.getsize(p) for p in block.paths}
     return {"block": block.name, "paths": list(block.paths), "bytes": sizes, "counts": counts,
@@ -97,6 +98,7 @@ class LocalExecutor:
 
 def finalize(stage: Stage, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
     failpoint(f"{stage.name}:finalize")
+    slowpoint(f"{stage.name}:finalize")
     out = stage.finalize(blocks, results) or {}
     failpoint(f"{stage.name}:finalized")
     return out

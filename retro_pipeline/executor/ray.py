@@ -66,10 +66,16 @@ _KILL_NOISE = re.compile(r"Failed to kill actor|KillActor RPC failed")
 
 def _drop_kill_noise() -> None:
     """Wrap Ray's handler that prints forwarded worker/system log lines so that it skips the GCS's lines
-    about killing actors; every other line (worker output, raylet errors) is printed as before."""
+    about killing actors; every other line (worker output, raylet errors) is printed as before. This reaches
+    into Ray's private log dispatcher (tested with Ray 2.60): where a release lays it out otherwise, lines
+    are printed as Ray prints them, and the command goes on."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # another Ray layout: print as Ray does
+
+        lock, handlers = dispatcher._lock, dispatcher.handlers
+        if not all(isinstance(h, tuple) and len(h) == 2 for h in handlers):
+            return
+    except Exception:  # another Ray layout
         return
 
     def wrap(handler):
@@ -77,18 +83,24 @@ def _drop_kill_noise() -> None:
             return handler
 
         def filtered(data):
-            if data.get("pid") == "gcs_server":
-                lines = [ln for ln in data.get("lines", ()) if not _KILL_NOISE.search(ln)]
-                if not lines:
-                    return
-                data = {**data, "lines": lines}
+            try:
+                if data.get("pid") == "gcs_server":
+                    lines = [ln for ln in data.get("lines", ()) if not _KILL_NOISE.search(ln)]
+                    if not lines:
+                        return
+                    data = {**data, "lines": lines}
+            except Exception:  # a record of another shape: print it as it is
+                pass
             handler(data)
 
         filtered._drops_kill_noise = True
         return filtered
 
-    with dispatcher._lock:
-        dispatcher.handlers = [(n, wrap(h) if n == "ray_print_logs" else h) for n, h in dispatcher.handlers]
+    try:
+        with lock:
+            dispatcher.handlers = [(n, wrap(h) if n == "ray_print_logs" else h) for n, h in dispatcher.handlers]
+    except Exception:
+        return
 
 
 @contextlib.contextmanager
@@ -155,14 +167,15 @@ def _send_token_if_we_have_one() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def worker_shape(ray, stage: Stage) -> tuple[float, float, int | None]:
-    """(CPUs, GPUs, memory) of one worker of ``stage``: the run's overrides, else its declared resources;
-    declared GPUs only where the cluster has GPUs."""
-    res = stage.resources
-    cpus = stage.cpus if stage.cpus is not None else res.cpus
-    if res.whole_node and stage.cpus is None:
+def worker_shape(ray, stage: Stage, once: bool = False) -> tuple[float, float, int | None]:
+    """(CPUs, GPUs, memory) of one worker of ``stage`` (``once``: of its one-off job, ``Stage.once_resources``):
+    the run's overrides, else the declaration; declared GPUs only where the cluster has GPUs. A whole-node
+    worker takes every CPU of the largest alive node."""
+    res = stage.once_resources if once else stage.resources
+    cpus = res.cpus if once or stage.cpus is None else stage.cpus
+    if res.whole_node and (once or stage.cpus is None):
         cpus = max([n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")] or [cpus]) or cpus
-    if stage.gpus is not None:
+    if stage.gpus is not None and not (once and not res.gpus):
         gpus = stage.gpus
     else:
         gpus = res.gpus if res.gpus and ray.cluster_resources().get("GPU", 0) >= res.gpus else 0.0
@@ -234,13 +247,39 @@ def _one_off(fn, *args):
     return run_capturing_logs(fn, *args)
 
 
+class _Worker:
+    """One actor of the pool as the driver tracks it."""
+
+    def __init__(self, actor, node: str | None):
+        self.actor = actor
+        self.node = node  # the node it was asked to run on (stages with max_per_node), else None
+        self.ready = False
+        self.load = 0
+
+
+def _infra_error_types():
+    """The Ray errors that mean a worker, actor or node was lost (not an error of stage code)."""
+    from ray.exceptions import RayError, RayTaskError
+
+    return RayError, RayTaskError
+
+
 class RayExecutor:
+    """Blocks on a pool of Ray actors that follows the cluster: a lost actor's blocks go to live actors, the pool
+    shrinks to what the alive nodes can hold and grows back when nodes join. Actors are never restarted in
+    place (a restarted actor would wait for resources its lost node took with it); new ones are started
+    where there is room. A cluster on which no node can hold one worker any more is an error after
+    ``node_wait_s`` seconds (room for an autoscaler to add one), never an endless wait."""
+
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_workers: int | None = None, inflight_per_worker: int = 2):
+    def __init__(self, address: str | None = None, num_workers: int | None = None, inflight_per_worker: int = 2,
+                 node_wait_s: float | None = None):
         self.address = address
         self.num_workers = num_workers
         self.inflight_per_worker = inflight_per_worker
+        self.node_wait_s = float(os.environ.get("RETRO_PIPELINE_NODE_WAIT_S", 120)) if node_wait_s is None \
+            else node_wait_s
         self.stats: dict[str, int] = defaultdict(int)  # blocks run, retries, lost workers
 
     def connect(self) -> None:
@@ -248,9 +287,9 @@ class RayExecutor:
         ensure_ray(self.address)
 
     def pool_shape(self, stage: Stage, n_blocks: int) -> tuple[int, float, float, int | None, list[str] | None]:
-        """(workers, CPUs, GPUs and memory per worker, node of each worker or None)."""
+        """(workers, CPUs, GPUs and memory per worker, node of each worker or None) for the cluster as it is now."""
         ray = ensure_ray(self.address)
-        res = ray.cluster_resources()
+        res = ray.cluster_resources()  # alive nodes only
         cpus, gpus, memory = worker_shape(ray, stage)
         check_feasible(ray, cpus, gpus, memory)
         if self.num_workers:
@@ -270,83 +309,194 @@ class RayExecutor:
         opts: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
         if memory:
             opts["memory"] = memory
-        if node is not None:  # soft: a lost node's worker restarts elsewhere
+        if node is not None:  # soft: where the node is gone, anywhere else
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=True)
         return opts
 
-    def run_once(self, stage: Stage, what: str, fn, *args) -> Any:
-        """A one-off job of ``stage`` (e.g. its finalize) as a Ray task with the stage's resources."""
-        ray = ensure_ray(self.address)
-        from ray.exceptions import RayTaskError
-
-        cpus, gpus, memory = worker_shape(ray, stage)
-        check_feasible(ray, cpus, gpus, memory)
-        task = ray.remote(_one_off).options(max_retries=INFRA_RETRIES, retry_exceptions=False,
-                                            **self._options(cpus, gpus, memory))
+    def _feasible(self, ray, cpus: float, gpus: float, memory: int | None) -> bool:
         try:
-            result, records = ray.get(task.remote(fn, *args))
-        except RayTaskError as e:
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            if isinstance(cause, UserError):
-                raise RetroError(str(cause)) from None
-            log.debug("[%s] %s failed:\n%s", stage.name, what, e)
-            raise stage_failed(stage, what, cause) from None
-        replay(records)
-        return result
+            check_feasible(ray, cpus, gpus, memory)
+            return True
+        except RetroError:
+            return False
+
+    def _no_node_error(self, ray, stage: Stage, what: str, cpus: float, gpus: float, memory: int | None) -> RetroError:
+        try:
+            check_feasible(ray, cpus, gpus, memory)
+            why = ""
+        except RetroError as e:
+            why = f" ({e})"
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        return RetroError(f"[{stage.name}] {what}: for {self.node_wait_s:.0f} s no node of the Ray cluster could "
+                          f"hold a worker of {cpus:g} CPUs{f' and {gpus:g} GPUs' if gpus else ''} ({alive} node(s) "
+                          f"alive: nodes were lost){why}; add nodes and run the same command again (finished work "
+                          f"is kept)")
+
+    def run_once(self, stage: Stage, what: str, fn, *args) -> Any:
+        """A one-off job of ``stage`` (e.g. its finalize) as a Ray task with the stage's one-off resources
+        (``Stage.once_resources``). A lost node reruns it elsewhere (a one-off job writes its outputs
+        atomically, so a rerun is a resume), its shape following the nodes still alive."""
+        ray = ensure_ray(self.address)
+        RayError, RayTaskError = _infra_error_types()
+        lost = 0
+        while True:
+            cpus, gpus, memory = worker_shape(ray, stage, once=True)
+            self._wait_for_room(ray, stage, what, cpus, gpus, memory)
+            task = ray.remote(_one_off).options(max_retries=0, retry_exceptions=False,
+                                                **self._options(cpus, gpus, memory))
+            ref = task.remote(fn, *args)
+            gone_since = None
+            while not ray.wait([ref], timeout=2.0)[0]:
+                # a pending task whose shape no alive node can hold any more (the largest node was lost) is
+                # started again with the shape the cluster has now
+                if self._feasible(ray, cpus, gpus, memory):
+                    gone_since = None
+                    continue
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > 5.0:
+                    ray.cancel(ref, force=True)
+                    break
+            try:
+                result, records = ray.get(ref)
+            except RayTaskError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                replay(getattr(cause, "retro_log_records", ()))
+                if isinstance(cause, UserError):
+                    raise RetroError(str(cause)) from None
+                log.debug("[%s] %s failed:\n%s", stage.name, what, e)
+                raise stage_failed(stage, what, cause) from None
+            except RayError as e:  # a lost worker or node, or cancelled for a new shape: run it again
+                lost += 1
+                self.stats["lost"] += 1
+                if lost > INFRA_RETRIES:
+                    raise RuntimeError(f"[{stage.name}] {what}: workers kept failing ({type(e).__name__}); "
+                                       f"check the Ray cluster") from None
+                log.warning("[%s] %s: its worker was lost (%s); running it again", stage.name, what,
+                            type(e).__name__)
+                continue
+            replay(records)
+            return result
+
+    def _wait_for_room(self, ray, stage: Stage, what: str, cpus: float, gpus: float, memory: int | None) -> None:
+        """Return once some alive node could hold a worker of this shape; raise after ``node_wait_s``."""
+        t0 = time.monotonic()
+        while not self._feasible(ray, cpus, gpus, memory):
+            if time.monotonic() - t0 > self.node_wait_s:
+                raise self._no_node_error(ray, stage, what, cpus, gpus, memory)
+            time.sleep(1.0)
 
     def run(self, stage: Stage, blocks: list[Block], on_result: OnResult) -> None:
         if not blocks:
             return
         ray = ensure_ray(self.address)
-        from ray.exceptions import RayError, RayTaskError
+        RayError, RayTaskError = _infra_error_types()
 
         n, cpus, gpus, memory, nodes = self.pool_shape(stage, len(blocks))
         worker_cls = ray.remote(_StageWorker)
         resources = {"num_cpus": cpus, "num_gpus": gpus}
-        actors = [worker_cls.options(max_restarts=-1, max_concurrency=1,
-                                     **self._options(cpus, gpus, memory, nodes[i] if nodes else None))
-                  .remote(stage, resources) for i in range(n)]
+        workers: list[_Worker] = []
+        probes: dict[Any, _Worker] = {}  # readiness of starting actors
         pending: deque[Block] = deque(blocks)
-        inflight: dict[Any, tuple[Block, Any]] = {}
-        load: dict[int, int] = defaultdict(int)
+        inflight: dict[Any, tuple[Block, _Worker]] = {}
         infra_failures: dict[str, int] = defaultdict(int)
+        lost_actors = 0
+
+        def start(node: str | None) -> None:
+            actor = worker_cls.options(max_restarts=0, max_concurrency=1,
+                                       **self._options(cpus, gpus, memory, node)).remote(stage, resources)
+            w = _Worker(actor, node)
+            workers.append(w)
+            probes[actor.pid.remote()] = w
+
+        def drop(w: _Worker) -> None:
+            if w in workers:
+                workers.remove(w)
+                with contextlib.suppress(Exception):
+                    ray.kill(w.actor)
+
+        def resize() -> None:
+            """Start actors up to what the cluster holds now (and the work left); stop starting ones beyond."""
+            left = len(pending) + len(inflight)
+            try:
+                want, _, _, _, slots = self.pool_shape(stage, max(1, left))
+            except RetroError:  # no alive node can hold a worker now
+                want, slots = 0, None
+            for w in [w for w in workers if not w.ready][max(0, want - sum(w.ready for w in workers)):]:
+                drop(w)
+                probes.pop(next((r for r, x in probes.items() if x is w), None), None)
+            free = list(slots or [])
+            for w in workers:
+                if w.node in free:
+                    free.remove(w.node)
+            while len(workers) < want:
+                start(free.pop(0) if free else None)
+
+        for i in range(n):
+            start(nodes[i] if nodes else None)
+        last_resize = time.monotonic()
+        no_room_since = None
         try:
             while pending or inflight:
-                for i, actor in enumerate(actors):
-                    while pending and load[i] < self.inflight_per_worker:
+                for w in workers:
+                    while w.ready and pending and w.load < self.inflight_per_worker:
                         block = pending.popleft()
-                        inflight[actor.process.remote(block)] = (block, i)
-                        load[i] += 1
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+                        inflight[w.actor.process.remote(block)] = (block, w)
+                        w.load += 1
+                ready, _ = ray.wait(list(inflight) + list(probes), num_returns=1, timeout=1.0)
                 for ref in ready:
-                    block, i = inflight.pop(ref)
-                    load[i] -= 1
+                    if ref in probes:
+                        w = probes.pop(ref)
+                        try:
+                            ray.get(ref)
+                            w.ready = True
+                        except RayError as e:  # the actor could not start (its node went, or it crashed)
+                            lost_actors += 1
+                            log.debug("[%s] a worker did not start: %s", stage.name, e)
+                            drop(w)
+                        continue
+                    block, w = inflight.pop(ref)
+                    w.load -= 1
                     try:
                         result = ray.get(ref)
                     except RayTaskError as e:
                         cause = e.cause if getattr(e, "cause", None) is not None else e
+                        replay(getattr(cause, "retro_log_records", ()))
                         if isinstance(cause, UserError):
                             raise RetroError(str(cause)) from None
                         log.debug("[%s] block %s failed:\n%s", stage.name, block.name, e)
                         raise stage_failed(stage, f"block {block.name}", cause) from None
-                    except RayError as e:  # a lost worker, actor or node: retry elsewhere
+                    except RayError as e:  # a lost worker, actor or node: the block goes to a live worker
                         infra_failures[block.name] += 1
                         self.stats["retries"] += 1
-                        self.stats["lost"] += 1
+                        if w in workers:
+                            self.stats["lost"] += 1
+                            lost_actors += 1
+                            log.warning("[%s] worker lost during block %s (%s); its blocks go to the other "
+                                        "workers", stage.name, block.name, type(e).__name__)
+                            drop(w)
                         if infra_failures[block.name] > INFRA_RETRIES:
                             raise RuntimeError(f"[{stage.name}] block {block.name}: workers kept failing "
                                                f"({type(e).__name__}); check the Ray cluster") from None
-                        log.warning("[%s] worker lost during block %s (%s); retrying", stage.name, block.name,
-                                    type(e).__name__)
                         pending.appendleft(block)
-                        time.sleep(0.2)
                     else:
                         self.stats["blocks"] += 1
                         result, records = result
                         replay(records)
                         on_result(block, result)
+                if lost_actors > INFRA_RETRIES * max(1, n):
+                    raise RuntimeError(f"[{stage.name}] {lost_actors} workers were lost; check the Ray cluster")
+                now = time.monotonic()
+                if now - last_resize > 2.0 or not any(w.ready for w in workers):
+                    last_resize = now
+                    resize()
+                if any(w.ready for w in workers) or self._feasible(ray, cpus, gpus, memory):
+                    no_room_since = None
+                else:
+                    no_room_since = no_room_since or now
+                    if now - no_room_since > self.node_wait_s:
+                        raise self._no_node_error(ray, stage, f"{len(pending)} blocks left", cpus, gpus, memory)
         finally:
-            for a in actors:
-                ray.kill(a)
+            for w in list(workers):
+                drop(w)

@@ -24,7 +24,7 @@ import numpy as np
 from retro_pipeline import faiss_index
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import atomic_path, h5_create, h5_open_write, write_json
-from retro_pipeline.stage import Block, Option, block_file_name, block_ranges, rows_per_block
+from retro_pipeline.stage import Block, Option, Resources, block_file_name, block_ranges, rows_per_block
 from retro_pipeline.stages.embed import EMBED_OPTIONS, EmbeddingStage
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class IndexAddStage(EmbeddingStage):
     needs = ("index-train",)
     group = "index-build"
     unit = "chunks"
+    once_resources = Resources(whole_node=True)  # the merge and the recall tuning: faiss on every CPU of a node
     options = (
         NUM_NEIGHBORS_SAVE,
         Option("target_recall", float, 0.95, "Recall@10 the tuned search settings must reach.", minimum=0,

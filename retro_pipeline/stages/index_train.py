@@ -38,7 +38,8 @@ class IndexTrainStage(EmbeddingStage):
     needs = ("embed-sampled",)
     group = "index-build"
     unit = "queries"
-    resources = Resources(cpus=1, gpus=1, whole_node=True)
+    resources = Resources(cpus=1, gpus=1)  # the query block: embedding
+    once_resources = Resources(gpus=1, whole_node=True)  # training: every CPU of a node, k-means on its GPU
     options = (
         Option("index_str", str, "auto", "faiss.index_factory string of the index, or auto."),
         Option("index_memory", str, "auto", "Bytes the index codes may take (e.g. 64G), for --index-str auto.",
