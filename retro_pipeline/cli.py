@@ -46,23 +46,28 @@ def common_options() -> list[click.Option]:
                      help="JSON or YAML file of options (keys with _ for -; any stage's); the command line wins."),
         click.Option(["--force"], is_flag=True, help="Rebuild the stages whose settings or inputs changed (and "
                                                      "the stages after them) instead of refusing."),
+        click.Option(["--redo"], is_flag=True, help="Recompute this command's stages from scratch although "
+                                                    "nothing changed (the built stages after them are rebuilt "
+                                                    "too). Missing files alone need no --redo: a plain run "
+                                                    "makes them again."),
         *[click_option(o) for o in RUN_OPTIONS],
         click.Option(["--no-progress"], is_flag=True, help="No progress bars."),
     ]
 
 
-def split_options(kw: dict[str, Any]) -> tuple[str, dict, Any, bool]:
-    """Command-line + config-file options → (workdir, stage options given, run options, force)."""
+def split_options(kw: dict[str, Any]) -> tuple[str, dict, Any, bool, bool]:
+    """Command-line + config-file options → (workdir, stage options given, run options, force, redo)."""
     kw = dict(kw)
     workdir = kw.pop("workdir")
     force = kw.pop("force")
+    redo = kw.pop("redo", False)
     progress = not kw.pop("no_progress")
     cfile = kw.pop("config_file")
     opts = load_config_file(cfile) if cfile else {}
     opts.update({k: v for k, v in kw.items() if v is not None})
     run_keys = {o.name for o in RUN_OPTIONS}
     run = run_options({k: v for k, v in opts.items() if k in run_keys}, progress=progress)
-    return workdir, {k: v for k, v in opts.items() if k not in run_keys}, run, force
+    return workdir, {k: v for k, v in opts.items() if k not in run_keys}, run, force, redo
 
 
 def stage_command(name: str, classes: list[type[Stage]], help_: str, demo_ok: bool = False) -> click.Command:
@@ -162,6 +167,10 @@ def _resume_hint(e: BaseException) -> str:
 
 
 def _stop(message: str, code: int, standalone: bool):
+    import logging
+
+    # the workdir's log (where the command opened one) keeps the error line and the traceback behind it
+    logging.getLogger("retro_pipeline").debug("error: %s (exit %d)", message, code, exc_info=sys.exc_info()[0] is not None)
     click.echo(f"error: {message}", err=True)
     if standalone:
         sys.exit(code)
@@ -189,7 +198,7 @@ def _run(stages, kw, demo_ok=False):
     from retro_pipeline.pipeline import run_stages
     from retro_pipeline.workdir import Workdir
 
-    workdir, given, run, force = split_options(kw)
+    workdir, given, run, force, redo = split_options(kw)
     stored = Workdir(workdir).stored()
     if demo_ok and "data_path" not in given and not stored.get("data_path"):
         from retro_pipeline.demo import build_demo_corpus
@@ -207,9 +216,17 @@ def _run(stages, kw, demo_ok=False):
         for k, v in DEMO_TRAINING.items():  # Megatron's sample counts sized for a corpus this small
             if k not in stored:
                 given.setdefault(k, v)
-    out = run_stages(workdir, stages, given, run, force=force)
+    out = run_stages(workdir, stages, given, run, force=force, redo=redo)
     for name, done in out.items():
-        click.echo(f"{name}: done in {done.get('seconds', 0):.1f} s " + _counts(done))
+        if done.get("already_done"):
+            click.echo(f"{name}: already done (took {done.get('seconds', 0):.1f} s) " + _counts(done))
+        elif done.get("blocks_run", 0) < done.get("blocks", 0) or done.get("seconds", 0) > \
+                done.get("seconds_this_run", done.get("seconds", 0)) + 0.05:
+            click.echo(f"{name}: done in {done.get('seconds', 0):.1f} s, resumed ({done.get('blocks_run', 0)} of "
+                       f"{done.get('blocks', 0)} blocks and {done.get('seconds_this_run', 0):.1f} s in this run) "
+                       + _counts(done))
+        else:
+            click.echo(f"{name}: done in {done.get('seconds', 0):.1f} s " + _counts(done))
     if {"db-build", "embed-sampled", "index-add"} <= set(out) and out["index-add"].get("blocks_run"):
         n = out["embed-sampled"].get("n_chunks", 0) + out["index-add"].get("n_chunks_embedded", 0)
         click.echo(f"chunks embedded: {n} (train DB: {out['db-build'].get('n_chunks_train')} chunks, each embedded once)")
@@ -234,7 +251,12 @@ def status(workdir):
         elif st["state"] == "done":
             click.echo(f"{name:15s} done       {st.get('blocks', 0)} blocks, {st.get('seconds', 0):.1f} s {_counts(st)}")
         elif st["state"] == "partial":
-            click.echo(f"{name:15s} partial    {st['blocks_done']} of {st['blocks_total']} blocks")
+            more = ""
+            if st.get("missing"):
+                more = f"; {len(st['missing'])} recorded file(s) gone, e.g. {st['missing'][0]} (a rerun makes them)"
+            elif st["blocks_done"] >= st["blocks_total"]:
+                more = "; its final step (finalize) did not finish"
+            click.echo(f"{name:15s} partial    {st['blocks_done']} of {st['blocks_total']} blocks{more}")
         else:
             click.echo(f"{name:15s} not started")
 

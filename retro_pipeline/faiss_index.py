@@ -165,12 +165,9 @@ def memory_budget(value: str) -> int:
 # ---------------------------------------------------------------------- training
 
 
-def train(index_str: str, x: np.ndarray, log) -> Any:
-    """Train an empty index on ``x`` (float32 [n, d]) with this worker's threads; faiss's GPUs for IVF
-    k-means where faiss has GPUs. Checks the training-set size first."""
-    f = faiss()
-    n, dim = x.shape
-    index = check_index_str(index_str, dim)
+def check_training_size(index, n: int, log=None) -> None:
+    """Raise where ``n`` training vectors cannot train ``index`` (fewer than its IVF lists, or than a product
+    quantizer's codebook entries); warn (with ``log``) where k-means gets fewer than it wants."""
     ivf = ivf_of(index)
     if ivf is not None:
         if n < ivf.nlist:
@@ -178,7 +175,7 @@ def train(index_str: str, x: np.ndarray, log) -> Any:
                              f"one per list and {MIN_PER_LIST * ivf.nlist} ({MIN_PER_LIST} per list) to train well: "
                              f"use fewer lists in --index-str, or more with db-build --index-ntrain (or a larger "
                              f"corpus)")
-        if n < MIN_PER_LIST * ivf.nlist:
+        if n < MIN_PER_LIST * ivf.nlist and log is not None:
             log.warning("index-train: %d training vectors for %d IVF lists, fewer than the %d (%d per list) that "
                         "k-means wants; the lists will be uneven (use fewer lists or more --index-ntrain)",
                         n, ivf.nlist, MIN_PER_LIST * ivf.nlist, MIN_PER_LIST)
@@ -188,6 +185,17 @@ def train(index_str: str, x: np.ndarray, log) -> Any:
             raise RetroError(f"index-train: {n} training vectors for product-quantizer codebooks of {pq.ksub} "
                              f"entries; faiss needs at least {pq.ksub}: use more with db-build --index-ntrain, "
                              f"or fewer bits per code in --index-str")
+
+
+def train(index_str: str, x: np.ndarray, log) -> Any:
+    """Train an empty index on ``x`` (float32 [n, d]) with this worker's threads; faiss's GPUs for IVF
+    k-means where faiss has GPUs. Checks the training-set size first."""
+    f = faiss()
+    n, dim = x.shape
+    index = check_index_str(index_str, dim)
+    ivf = ivf_of(index)
+    check_training_size(index, n, log)
+    for p in parts(index):
         if isinstance(p, f.IndexIVFPQ):
             p.do_polysemous_training = False  # search never uses it, and it costs ~40 s fixed
     if ivf is not None and f.get_num_gpus() > 0:

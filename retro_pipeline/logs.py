@@ -69,6 +69,16 @@ def attach_workdir_log(root: str | os.PathLike) -> Path | None:
     return path
 
 
+def detach_workdir_log() -> None:
+    """Stop logging to the workdir's file (its workdir is being removed)."""
+    global _FILE_HANDLER
+    if _FILE_HANDLER is not None:
+        for name in ("retro_pipeline", "embedder"):
+            logging.getLogger(name).removeHandler(_FILE_HANDLER)
+        _FILE_HANDLER.close()
+        _FILE_HANDLER = None
+
+
 def current_log_file() -> str | None:
     return _FILE_HANDLER.baseFilename if _FILE_HANDLER is not None else None
 

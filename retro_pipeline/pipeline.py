@@ -66,30 +66,40 @@ class Opened:
     cfg: Config
     fingerprints: dict[str, str]
     rebuild: list[str]
-    record_inputs: bool
+    locked: set[str]  # stages that made something: their options are the stored ones
+    why: dict[str, str]  # stage -> why it is stale (its settings, an input file, an upstream stage)
 
 
-def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False) -> Opened:
+def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False, redo=()) -> Opened:
     """Resolve the config of ``wd`` with ``given`` options and check it against what the workdir holds.
 
-    Without ``force``, options that contradict the stored ones, a stage built with other settings, and an
-    input file that changed since it was recorded are one-line errors. With ``force`` they name the stages
-    to rebuild: the stages the option or file belongs to, and every stage downstream of them.
+    An option is bound to the workdir once a stage that declares it has made something (a finished block);
+    until then it is free and a command may give any value. Without ``force``, options that contradict
+    what a stage was built with, a stage built with other settings, and an input file of a built stage that
+    changed since it was recorded are one-line errors. With ``force`` they name the stages to rebuild: the
+    stages the option or file belongs to, and every built stage downstream of them. ``redo`` names stages to
+    rebuild although nothing changed (and the built stages downstream of them).
     """
     from retro_pipeline.fingerprints import changed_inputs, check_inputs
 
     stored = wd.stored()
     cfg, conflicts = cfgmod.resolve(stored, given)
+    locked = {c.name for c in all_stages() if wd.has_outputs(c.name)}
+    conflicts = [k for k in conflicts if set(owners(k)) & locked]
     if conflicts and not force:
         old, _ = cfgmod.resolve(stored, {})
-        detail = "; ".join(f"{k}: stored {_show(old[k])}, given {_show(cfg[k])}" for k in conflicts)
+        detail = "; ".join(f"{k}: {[s for s in owners(k) if s in locked][0]} was built with {_show(old[k])}, given "
+                           f"{_show(cfg[k])}" for k in conflicts)
         raise RetroError(f"{wd.config_path}: this workdir was built with other settings ({detail}); use a new "
                          f"--workdir, or pass --force to rebuild the stages they affect")
     fps = fingerprints(cfg)
-    started = [c.name for c in all_stages() if wd.stage_status(c.name)["state"] != "not started"]
     old_fps = wd.stored_fingerprints()
-    changed_fp = [s for s in started if old_fps is not None and old_fps.get(s) not in (None, fps[s])]
-    changed = changed_inputs(stored.get("inputs") or {})
+    changed_fp = [s for s in stage_order() if s in locked and old_fps is not None
+                  and old_fps.get(s) not in (None, fps[s])]
+    read_changed = {s: f for s, f in reading(wd, cfg, dict(changed_inputs(stored.get("inputs") or {}))).items()
+                    if s in locked}
+    changed = [(f, what) for f, what in changed_inputs(stored.get("inputs") or {}) if f in read_changed.values()]
+    why = _why_stale(cfg, conflicts, changed_fp, read_changed, dict(changed))
     if not force:
         check_inputs(changed, wd.root)
     if changed_fp and not force:
@@ -98,71 +108,148 @@ def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False) -> Ope
                          f"config now gives (the config was edited, or an upstream stage changed); pass --force to "
                          f"rebuild it, or use a new --workdir")
     rebuild = []
+    roots = set(redo)
     if force:
-        roots = {s for k in conflicts for s in owners(k)} | set(changed_fp) | set(reading(wd, cfg, dict(changed)))
-        rebuild = [s for s in stage_order() if s in downstream_of(roots)]
-    return Opened(wd, cfg, fps, rebuild, record_inputs=bool(rebuild) or "inputs" not in stored)
+        roots |= {s for k in conflicts for s in owners(k)} | set(changed_fp) | set(read_changed)
+    if roots:
+        rebuild = [s for s in stage_order() if s in downstream_of(roots) and
+                   (s in locked or wd.stage_status(s)["state"] != "not started")]
+    return Opened(wd, cfg, fps, rebuild, locked, why)
+
+
+def _why_stale(cfg: Config, conflicts, changed_fp, read_changed: dict[str, str], changed: dict[str, str]):
+    why: dict[str, str] = {}
+    for cls in all_stages():
+        own = [k for k in conflicts if k in cls.output_keys()]
+        if cls.name in read_changed:
+            why[cls.name] = f"{read_changed[cls.name]} {changed[read_changed[cls.name]]}"
+        elif own:
+            why[cls.name] = "its " + ", ".join(o.replace("_", "-") for o in own) + " changed"
+        elif cls.name in changed_fp:
+            why[cls.name] = "its settings changed"
+        else:
+            up = [n for n in cls.needs if n in why]
+            if up:
+                why[cls.name] = f"{up[0]} is stale ({why[up[0]]})"
+    return why
 
 
 def run_stages(workdir, stages: list[str], given: dict[str, Any] | None = None,
-               run: RunOptions | None = None, force: bool = False) -> dict[str, dict]:
+               run: RunOptions | None = None, force: bool = False, redo: bool = False) -> dict[str, dict]:
     """Run ``stages`` (in pipeline order) for ``workdir`` with options ``given`` (any declared option).
 
-    The first run stores the output-changing options and a record of every input file in ``config.json``
-    once the inputs have been checked; a later run that contradicts the options stops (or, with ``force``,
-    rebuilds the stages they affect and those downstream), and one whose input files changed stops naming
-    the file. A first run that fails before anything was stored leaves no workdir behind.
+    A stage stores its output-changing options and a record of the input files it reads in ``config.json``
+    when it starts; a later run that contradicts them stops (or, with ``force``, rebuilds the stages they
+    affect and those downstream), and one whose input files changed stops naming the file. A stage that
+    fails before it made anything keeps nothing of its run (options, inputs, files). ``redo`` rebuilds
+    ``stages`` (and the built stages downstream of them) although nothing changed. Every check runs before
+    anything is deleted. A first run that fails before any stage made something leaves no workdir behind.
     """
     wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
     created = not wd.root.exists()
     try:
         return _run_stages(wd, stages, {k: v for k, v in (given or {}).items() if v is not None},
-                           run or RunOptions(), force)
+                           run or RunOptions(), force, redo)
     except BaseException:
-        if created and not wd.config_path.exists():
+        if created and not any(wd.has_outputs(s) for s in stage_order()):  # a failed first run leaves nothing
+            from retro_pipeline.logs import detach_workdir_log
+
+            detach_workdir_log()
             shutil.rmtree(wd.root, ignore_errors=True)
         raise
 
 
-def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool) -> dict[str, dict]:
+def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool, redo: bool) -> dict[str, dict]:
     from retro_pipeline.executor.base import run_stage
-    from retro_pipeline.fingerprints import record_inputs
     from retro_pipeline.logs import attach_workdir_log
 
     unknown = [s for s in stages if s not in stage_order()]
     if unknown:
         raise RetroError(f"unknown stage {unknown[0]!r}; choose from {', '.join(stage_order())}")
     with wd.lock():
-        opened = open_workdir(wd, given, force)
+        attach_workdir_log(wd.root)
+        import sys
+
+        log.debug("%s", " ".join(sys.argv) if sys.argv and sys.argv[0] else f"run_stages {stages} {given}")
+        opened = open_workdir(wd, given, force, redo=stages if redo else ())
         cfg = opened.cfg
         classes = [c for c in all_stages() if c.name in stages]
         every = {c.name: make_stage(c, wd, cfg, run) for c in all_stages()}
         running = {c.name for c in classes}
         for cls in classes:
             for need in cls.needs:
-                if need not in running and (wd.stage_status(need)["state"] != "done" or need in opened.rebuild):
-                    raise RetroError(f"{cls.name} needs {need}, which is not done in {wd.root}; run "
+                if need in running:
+                    continue
+                if need in opened.rebuild:
+                    raise RetroError(f"{cls.name} needs {need}, which is stale ({opened.why.get(need, 'rebuilt')}) "
+                                     f"and this command does not run it; run 'retro-pipeline build --workdir "
+                                     f"{wd.root} --force' with the same options (or {need} first)")
+                st = wd.stage_status(need)
+                if st["state"] != "done":
+                    what = "is not done" if not st.get("missing") else \
+                        f"has {len(st['missing'])} missing file(s), e.g. {st['missing'][0]}"
+                    raise RetroError(f"{cls.name} needs {need}, which {what} in {wd.root}; run "
                                      f"'retro-pipeline {need} --workdir {wd.root}' (or build) first")
         objs = [every[c.name] for c in classes]
         for st in objs:
+            st.rebuilding = frozenset(opened.rebuild)
             st.validate()
-        if opened.rebuild:
-            log.info("--force: rebuilding %s", ", ".join(opened.rebuild))
-            wd.invalidate(opened.rebuild, {s: every[s].outputs() + every[s].final_outputs() for s in opened.rebuild})
-        if objs:
-            objs[0].check()  # check the inputs before the config is stored
+        first = objs[0] if objs else None
+        if first is not None and first.name not in opened.rebuild and not set(first.needs) & set(opened.rebuild):
+            first.check()  # check the inputs before anything is deleted or stored
         executor = make_executor(run)
-        if any(wd.stage_status(st.name)["state"] != "done" for st in objs):
+        if any(wd.stage_status(st.name)["state"] != "done" or st.name in opened.rebuild for st in objs):
             executor.connect()  # an unreachable cluster is an error before anything is written
-        inputs = None
-        if opened.record_inputs:
-            inputs = record_inputs(p for st in every.values() for p in st.input_files())
-        wd.store(cfg.stored(), opened.fingerprints, inputs=inputs)
-        attach_workdir_log(wd.root)
+        if opened.rebuild:
+            log.info("--%s: rebuilding %s", "redo" if redo and not force else "force", ", ".join(opened.rebuild))
+            wd.invalidate(opened.rebuild, {s: every[s].outputs() + every[s].final_outputs() for s in opened.rebuild})
+        if first is not None:
+            first.check()  # (once) a rebuilt stage's inputs, checked after its old outputs went
+        bound = (opened.locked - set(opened.rebuild)) | running
+        _store(wd, cfg, opened.fingerprints, every, bound, refresh=set(opened.rebuild))
         out = {}
         for st in objs:
-            out[st.name] = run_stage(st, executor, progress=run.progress)
+            out[st.name] = _run_one(wd, st, executor, run, cfg, opened, every, bound)
         return out
+
+
+def _store(wd: Workdir, cfg: Config, fps: dict[str, str], every: dict[str, Stage], bound: set[str],
+           refresh: set[str]) -> None:
+    """Store the options of the ``bound`` stages (built, or run by this command) and the record of the input
+    files they read (files of ``refresh`` stages recorded anew); options and records of other stages are
+    dropped: they are free until their stage runs."""
+    from retro_pipeline.fingerprints import record_inputs
+
+    stored = wd.stored()
+    keys = {k for s in bound for k in every[s].output_keys()}
+    free = {o.name for c in all_stages() for o in c.options if o.changes_output} - keys
+    values = {k: v for k, v in cfg.stored().items() if k in keys}
+    old = stored.get("inputs") or {}
+    files = {str(p) for s in bound for p in every[s].input_files()}
+    renew = {str(p) for s in refresh for p in every[s].input_files()}
+    inputs = {f: old[f] for f in files if f in old and f not in renew}
+    inputs.update(record_inputs(f for f in files if f not in inputs))
+    wd.store(values, fps, inputs=inputs, drop=free)
+
+
+def _run_one(wd: Workdir, st: Stage, executor, run: RunOptions, cfg: Config, opened: Opened,
+             every: dict[str, Stage], bound: set[str]) -> dict:
+    """Run one stage; where it fails before it made anything, keep nothing of this run: its files, and its
+    options and input records where no built stage holds them."""
+    from retro_pipeline.executor.base import run_stage
+
+    had = wd.has_outputs(st.name)
+    try:
+        return run_stage(st, executor, progress=run.progress)
+    except BaseException:
+        if not had and not wd.has_outputs(st.name):
+            try:
+                wd.invalidate([st.name], {st.name: st.outputs() + st.final_outputs()})
+                unbuilt = {s for s in downstream_of([st.name]) if s in bound and not wd.has_outputs(s)}
+                _store(wd, cfg, opened.fingerprints, every, bound - unbuilt, set())
+            except Exception:  # never hide the failure itself
+                log.debug("could not undo the failed run of %s", st.name, exc_info=True)
+        raise
 
 
 def status(workdir) -> dict[str, dict]:

@@ -209,6 +209,10 @@ def get_pt_sample(split: str, idx: int) -> dict[str, np.ndarray]:
     s, idx = _s(), int(idx)
     ds = s.dataset(split)
     if not len(ds):
+        ss = s.reader.samples(split)
+        if not ss.exists or all(b <= a for a, b in ss.doc_ranges):
+            raise RetroError(f"{s.root}: the {split} split has no documents (--split {s.reader.config.split} gives "
+                             f"it none); nothing to show: build with a --split that gives it documents")
         why = "--train-samples, --seq-length" if split == "train" else "--eval-iters, --global-batch-size"
         raise RetroError(f"{s.root}: the {split} split has no samples (Megatron's training asks none of it by "
                          f"{why}); nothing to show")

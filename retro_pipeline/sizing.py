@@ -1,4 +1,5 @@
-"""Index sizing from the database size: the ``auto`` choices of --index-str and --index-ntrain.
+"""Index sizing from the database size: IVF lists and the ``auto`` choice of --index-ntrain (the ``auto``
+index string, which also weighs --index-memory, is ``faiss_index.auto_index_str``).
 
 Faiss k-means wants at least 39 training vectors per list (it refuses fewer than one); ``auto`` takes
 64 per list, capped by the number of train chunks.
@@ -20,15 +21,6 @@ def auto_nlist(n_chunks: int) -> int:
     if n_chunks < 100_000_000:
         return 262144
     return 4194304
-
-
-def auto_index_str(n_chunks: int) -> str:
-    nlist = auto_nlist(n_chunks)
-    if nlist == 0:
-        return "Flat"
-    if nlist < 65536:
-        return f"IVF{nlist},Flat"
-    return f"IVF{nlist}_HNSW32,Flat"
 
 
 def auto_ntrain(n_chunks: int) -> int:

@@ -172,13 +172,17 @@ class Stage:
     def __init__(self, workdir: "Workdir", cfg: "Config", cpus: float | None = None, gpus: float | None = None):
         self.workdir = workdir
         self.cfg = cfg
+        # the stages this run rebuilds (--force, --redo): their outputs in the workdir are about to go, so
+        # validate() must not judge the options by them
+        self.rebuilding: frozenset[str] = frozenset()
         # the worker shape, where the run overrides the declaration (--cpus-per-worker, --gpus-per-worker)
         self.cpus = cpus
         self.gpus = gpus
 
     # ---- driver side
     def validate(self) -> None:
-        """Cheap checks of the options alone, before --force deletes anything (raise RetroError)."""
+        """Every check of the options that can run before --force deletes anything (raise RetroError): of the
+        options alone, or against upstream outputs that stay (not in ``self.rebuilding``)."""
 
     def prepare(self) -> None:
         """Check inputs on the driver before anything is written (raise RetroError on bad input)."""
@@ -218,6 +222,14 @@ class Stage:
         """How a worker made its blocks beyond the stored config, as run options (``--batch-size``, ...) that
         change outputs only at float precision: recorded in each block's marker, for ``verify``."""
         return {}
+
+    def bar_label(self) -> str:
+        """The progress bar's label: the stage's name, and what its blocks do where that is not the stage's job."""
+        return self.name
+
+    def finalize_note(self) -> str | None:
+        """What finalize does, said on the driver before it starts where it takes a while (no bar shows it)."""
+        return None
 
     def finalize(self, blocks: list[Block], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Combine the finished blocks once, as a one-off job on a worker with ``once_resources``;

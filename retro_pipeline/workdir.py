@@ -28,8 +28,8 @@ from typing import Any
 from retro_pipeline.errors import RetroError
 from retro_pipeline.io import read_json, write_json
 
-FINGERPRINT_VERSION = 2
-INDEX_TYPE = "faiss-par-add"  # Megatron's name for an index built by parallel adds  # how config.json's stage fingerprints are computed (retro_pipeline.stage.fingerprint)
+FINGERPRINT_VERSION = 2  # how config.json's stage fingerprints are computed (retro_pipeline.stage.fingerprint)
+INDEX_TYPE = "faiss-par-add"  # Megatron's name for an index built by parallel adds
 
 
 class Workdir:
@@ -137,10 +137,12 @@ class Workdir:
             return None
         return dict(stored.get("fingerprints") or {})
 
-    def store(self, values: dict[str, Any], fingerprints: dict[str, str], inputs: dict | None = None) -> None:
+    def store(self, values: dict[str, Any], fingerprints: dict[str, str], inputs: dict | None = None,
+              drop=()) -> None:
         """Write the output-changing option ``values``, the stage ``fingerprints`` and, when given, a new record
-        of the input files (see :mod:`retro_pipeline.fingerprints`); other keys already there are kept."""
-        stored = self.stored()
+        of the input files (see :mod:`retro_pipeline.fingerprints`); the keys ``drop`` are removed, other keys
+        already there are kept."""
+        stored = {k: v for k, v in self.stored().items() if k not in set(drop)}
         if inputs is not None:
             stored["inputs"] = inputs
         self._stored = {**stored, **values, "fingerprints": fingerprints, "fingerprint_version": FINGERPRINT_VERSION}
@@ -182,14 +184,61 @@ class Workdir:
             os.close(fd)
 
     # ---- status
+    def block_markers(self, stage: str) -> list[Path]:
+        d = self.markers_dir(stage)
+        return sorted(p for p in d.glob("*.json") if not p.name.startswith("_")) if d.exists() else []
+
+    def has_outputs(self, stage: str) -> bool:
+        """Whether ``stage`` made anything (a finished block or its done marker): from then on its options are
+        those of its outputs; before, they are free."""
+        return self.done_marker(stage).exists() or bool(self.block_markers(stage))
+
+    def missing_files(self, stage: str, plan: list[str] | None = None) -> list[str]:
+        """Files a stage's markers record (each finished block's files at their recorded size, the done
+        marker's final outputs) that are gone or have another size now."""
+        missing = []
+        for m in self.block_markers(stage):
+            rec = read_json(m) or {}
+            sizes = rec.get("bytes")
+            if isinstance(sizes, int) and len(rec.get("paths", [])) == 1:
+                sizes = {rec["paths"][0]: sizes}
+            for path, size in (sizes or {}).items() if isinstance(sizes, dict) else ():
+                if _size(path) != size:
+                    missing.append(path)
+        done = read_json(self.done_marker(stage)) or {}
+        for path, size in (done.get("outputs") or {}).items():
+            if _size(path) is None or (size is not None and _size(path) != size):
+                missing.append(path)
+        return missing
+
     def stage_status(self, stage: str) -> dict[str, Any]:
+        """done (the done marker, and every file the markers record at its size), partial (blocks done of
+        total; ``missing``: recorded files that are gone) or not started."""
         done = read_json(self.done_marker(stage))
-        if done is not None:
-            return {"state": "done", **done}
         plan = read_json(self.plan_marker(stage))
-        if plan is None:
+        names = set((plan or {}).get("blocks", []))
+        missing = self.missing_files(stage) if done is not None or plan is not None else []
+        if done is not None and not missing:
+            return {"state": "done", **done}
+        if done is None and plan is None:
             return {"state": "not started"}
-        names = set(plan.get("blocks", []))
-        n_done = sum(1 for p in self.markers_dir(stage).glob("*.json")
-                     if not p.name.startswith("_") and p.stem.replace("__", "/") in names)
-        return {"state": "partial", "blocks_done": n_done, "blocks_total": len(names)}
+        gone = set(missing)
+        n_done = 0
+        for m in self.block_markers(stage):
+            name = m.stem.replace("__", "/")
+            if name in names or not names:
+                rec = read_json(m) or {}
+                if not gone & set(rec.get("paths") or ()):
+                    n_done += 1
+        total = len(names) if names else (done or {}).get("blocks", n_done)
+        out = {"state": "partial", "blocks_done": min(n_done, total), "blocks_total": total}
+        if missing:
+            out["missing"] = missing
+        return out
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path) if not os.path.isdir(path) else -1
+    except OSError:
+        return None

@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import os
 
+import faiss
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
+from helpers import assert_clean_error, blocks_done, env_without_ray_address, invoke, write_corpus
 from retro_pipeline import faiss_index
-from retro_pipeline.cli import cli
 from retro_pipeline.config import RunOptions
-from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
-
-faiss = pytest.importorskip("faiss")
 
 INDEX_STRINGS = ["Flat", "IVF16,Flat", "SQ8", "IVF16,PQ8", "OPQ8_32,IVF16,PQ8", "IVF16_HNSW8,Flat", "PQ8x4fs",
                  "IVF16,PQ8x4fs"]
@@ -87,11 +84,8 @@ def test_auto_index_str_follows_size_and_memory():
 
 @pytest.fixture(scope="module")
 def prefix(tmp_path_factory, gpt_tokenizer_path, corpus_texts):
-    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
-    docs = [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:40])]
-    p = str(tmp_path_factory.mktemp("c") / "corpus")
-    write_indexed_dataset(p, docs, np.uint16)
-    return p
+    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", load_gpt_tokenizer(gpt_tokenizer_path),
+                        corpus_texts[:40])
 
 
 def given(prefix, gpt, model, **kw):
@@ -161,7 +155,7 @@ def test_index_build_embeds_each_chunk_once_and_measures_recall_exactly(tmp_path
         # (seen once in CI: 0.977 vs 0.978 at k=20); a wrong recall is off by far more
         assert abs(mine - search[f"recall@{k}"]) <= 1 / (len(q) * k) + 1e-9, (k, mine, search)
     assert [r["nprobe"] for r in search["table"]][:1] == [1]  # the whole table, cheapest first
-    st = CliRunner().invoke(cli, ["status", "--workdir", str(wd)]).output
+    st = invoke("status", "--workdir", wd).output
     assert "index-add" in st and "nprobe" in st and "recall@10" in st
 
 
@@ -196,10 +190,6 @@ def test_interrupted_index_add_resumes_on_ray_byte_identical(tmp_path, prefix, g
 # ---------------------------------------------------------------------- bad input: one line each
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 @pytest.fixture()
 def embedded(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
     wd = tmp_path / "w"
@@ -209,10 +199,7 @@ def embedded(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
 
 
 def one_line(r, *words):
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("--force: rebuilding")]
-    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
+    return assert_clean_error(r, *words, ignore=("--force: rebuilding",))
 
 
 def test_bad_index_input_is_one_line(embedded, tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
@@ -229,10 +216,16 @@ def test_bad_index_input_is_one_line(embedded, tmp_path, prefix, gpt_tokenizer_p
     # a corrupt trained index; then one of another dimension than the embedder
     assert invoke("index-train", *base, "--index-str", "Flat").exit_code == 0
     empty = embedded / "index" / "faiss-par-add" / "Flat" / "empty_1.000.faissindex"
-    empty.write_bytes(b"garbage")
+    size = empty.stat().st_size
+    empty.write_bytes(b"garbage")  # another size than index-train recorded: index-train is not done
+    one_line(invoke("index-add", "--workdir", embedded, "--executor", "local", "--no-progress"),
+             "index-add needs index-train, which has 1 missing file(s)", str(empty))
+    empty.write_bytes(b"garbage".ljust(size, b"\0"))  # the recorded size, unreadable
     one_line(invoke("index-add", "--workdir", embedded, "--executor", "local", "--no-progress"),
              str(empty), "not a readable faiss index")
     faiss.write_index(faiss.IndexFlatL2(7), str(empty))
+    done = embedded / "markers" / "index-train" / "_done.json"  # as an earlier version wrote it: no sizes
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "outputs"}))
     one_line(invoke("index-add", "--workdir", embedded, "--executor", "local", "--no-progress"),
              "takes 7-dimensional vectors but the embedder gives 32")
     assert not (empty.parent / "added_1.000_1.000.faissindex").exists()
@@ -249,15 +242,11 @@ def _stage_cli(wd, stage, workers, **env):
     import subprocess
     import sys
 
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env}
+    env = {**env_without_ray_address(), **env}
     cmd = [sys.executable, "-m", "retro_pipeline.cli", stage, "--workdir", str(wd), "--batch-size", "32",
            "--device", "cpu", "--no-progress"]
     cmd += ["--executor", "local"] if workers == 0 else ["--num-workers", str(workers)]
     return cmd, env
-
-
-def _blocks_done(markers):
-    return len([p for p in markers.glob("*.json") if not p.name.startswith("_")])
 
 
 def test_sigkill_during_index_add_then_rerun_with_one_worker_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
@@ -274,13 +263,13 @@ def test_sigkill_during_index_add_then_rerun_with_one_worker_is_byte_identical(t
     proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        if markers.exists() and _blocks_done(markers) >= 2:
+        if blocks_done(wd, "index-add") >= 2:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "index-add ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    n_done = _blocks_done(markers)
+    n_done = blocks_done(wd, "index-add")
     total = len(json.loads((markers / "_plan.json").read_text())["blocks"])
     assert 2 <= n_done < total and not (markers / "_done.json").exists()
     assert not any(p.name.endswith(".faissindex") and p.name.startswith("added")
@@ -316,7 +305,7 @@ def test_sigkill_inside_a_one_off_job_then_rerun_on_ray_is_byte_identical(tmp_pa
     assert r.returncode == -9, r.stderr[-3000:]  # killed, not a clean exit
     markers = wd / "markers" / stage
     total = len(json.loads((markers / "_plan.json").read_text())["blocks"])
-    assert _blocks_done(markers) == total and not (markers / "_done.json").exists()
+    assert blocks_done(wd, stage) == total and not (markers / "_done.json").exists()
     if point == "index-train:trained":
         assert not list((wd / "index").rglob("empty_*.faissindex"))
 

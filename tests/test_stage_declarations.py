@@ -127,7 +127,7 @@ def test_toy_stage_runs_is_stored_and_rebuilds_with_force(tmp_path, corpus, gpt_
 
     # another value of its option: refused, then rebuilt with --force; the stage it needs is left alone
     r = invoke("toy-count", "--workdir", wd, "--no-progress", "--executor", "local", "--toy-scale", 5)
-    assert r.exit_code == 2 and "toy_scale: stored 2, given 5" in r.stderr
+    assert r.exit_code == 2 and "toy_scale: toy-count was built with 2, given 5" in r.stderr
     db_done = (wd / "markers" / "db-build" / "_done.json").read_bytes()
     r = invoke("toy-count", "--workdir", wd, "--no-progress", "--executor", "local", "--toy-scale", 5, "--force")
     assert r.exit_code == 0, r.output

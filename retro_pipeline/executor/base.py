@@ -105,15 +105,36 @@ def finalize(stage: Stage, blocks: list[Block], results: dict[str, dict]) -> dic
 
 
 def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
-    """Run ``stage`` to completion with ``executor``; returns the done marker's content."""
+    """Run ``stage`` to completion with ``executor``; returns the done marker's content (with ``already_done``
+    where there was nothing to do). A stage whose done marker stands but some of whose recorded files are
+    gone is run again: exactly the missing blocks, then its finalize."""
     wd = stage.workdir
     markers_dir = wd.markers_dir(stage.name)
     done_path = wd.done_marker(stage.name)
-    done = read_json(done_path)
-    if done is not None and all(p.exists() for p in stage.final_outputs()):
+    st = wd.stage_status(stage.name)
+    if st["state"] == "done" and all(p.exists() for p in stage.final_outputs()):
         log.info("[%s] already done", stage.name)
-        return done
+        return {**st, "already_done": True}
+    if st["state"] == "done":  # a done marker of an earlier version, without its outputs' sizes
+        st = {**st, "missing": [str(p) for p in stage.final_outputs() if not p.exists()]}
+    if st.get("missing"):
+        first = st["missing"][0]
+        log.warning("[%s] %d recorded file(s) are gone or changed size (%s%s): making them again", stage.name,
+                    len(st["missing"]), first, ", ..." if len(st["missing"]) > 1 else "")
+        done_path.unlink(missing_ok=True)
+    time_path = markers_dir / "_time.json"
+    before = float((read_json(time_path) or {}).get("seconds", 0.0))
     t0 = time.perf_counter()
+    try:
+        return _run_stage(stage, executor, progress, before, t0)
+    finally:
+        if markers_dir.exists() and not done_path.exists():  # the time an interrupted run spent, for the total
+            write_json(time_path, {"seconds": round(before + time.perf_counter() - t0, 3)})
+
+
+def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float) -> dict[str, Any]:
+    wd = stage.workdir
+    markers_dir = wd.markers_dir(stage.name)
     stage.check()
     swept = sweep_temporaries(*[p for p in stage.outputs() if p.is_dir()])
     if swept:
@@ -140,8 +161,9 @@ def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(b.size for b in todo), unit=f" {stage.unit}", unit_scale=True,
-                   desc=stage.name, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+        total = sum(b.size for b in todo)
+        bar = tqdm(total=total, unit=f" {stage.unit}", unit_scale=total >= 10_000, desc=stage.bar_label(),
+                   file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
     def on_result(block: Block, result: dict) -> None:
         write_json(wd.block_marker(stage.name, block.name), result)
@@ -155,8 +177,14 @@ def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
     finally:
         if bar is not None:
             bar.close()
+    note = stage.finalize_note()
+    if note:
+        log.info("[%s] %s", stage.name, note)
     summary = executor.run_once(stage, "finalize", finalize, stage, blocks, results)
+    outputs = {str(p): (-1 if p.is_dir() else p.stat().st_size) for p in stage.final_outputs() if p.exists()}
+    this_run = time.perf_counter() - t0
     done = {"stage": stage.name, "blocks": len(blocks), "blocks_run": len(todo),
-            "seconds": round(time.perf_counter() - t0, 3), **summary}
-    write_json(done_path, done)
+            "seconds": round(before + this_run, 3), "seconds_this_run": round(this_run, 3), **summary,
+            "outputs": outputs}
+    write_json(wd.done_marker(stage.name), done)
     return done

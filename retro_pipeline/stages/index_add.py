@@ -101,9 +101,12 @@ class IndexAddStage(EmbeddingStage):
     def prepare(self) -> None:
         import shutil
 
+        from retro_pipeline.io import sweep_temporaries
+
         kept = self.workdir.embed_dir("train")
         if kept.exists() and not self.kept_valid():  # made from other settings or inputs
             shutil.rmtree(kept)
+        sweep_temporaries(kept)  # blocks an interrupted run was writing (not among this stage's outputs)
         if self.cfg.keep_embeddings and not kept.exists():
             write_json(kept / "_source.json", self.kept_source())
         self.reader().index_info()
@@ -127,6 +130,9 @@ class IndexAddStage(EmbeddingStage):
 
     def final_outputs(self) -> list[Path]:
         return self.outputs()[3:]
+
+    def finalize_note(self) -> str | None:
+        return f"merging the blocks' codes into {self.index_str} and tuning its search for --target-recall"
 
     # ---- worker side
     def setup(self, resources: dict[str, Any]):

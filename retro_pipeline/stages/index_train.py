@@ -53,7 +53,7 @@ class IndexTrainStage(EmbeddingStage):
     def info(self) -> dict[str, Any]:
         """The recorded choice (index/index.json), made on the first call."""
         info = read_json(self.workdir.index_info_path)
-        if info is not None:
+        if info is not None and self.cfg.index_str in ("auto", info.get("index_str")):
             return info
         from retro_pipeline.read import WorkdirReader
 
@@ -73,10 +73,17 @@ class IndexTrainStage(EmbeddingStage):
         return info
 
     def validate(self) -> None:
-        if self.cfg.index_str != "auto" and self.workdir.embed_dir("sampled").exists():
-            from retro_pipeline.read import WorkdirReader
+        """A given --index-str must parse for the embeddings' dimension and be trainable on the sampled chunks
+        (faiss's rules: a vector per IVF list, a codebook's entries for PQ), checked where those stay."""
+        if self.cfg.index_str == "auto" or not self.workdir.embed_dir("sampled").exists() or \
+                self.rebuilding & {"db-build", "embed-sampled"}:
+            return
+        from retro_pipeline.read import WorkdirReader
 
-            faiss_index.check_index_str(self.cfg.index_str, WorkdirReader(self.workdir).embedding_dim("sampled"))
+        reader = WorkdirReader(self.workdir)
+        index = faiss_index.check_index_str(self.cfg.index_str, reader.embedding_dim("sampled"))
+        if self.workdir.merged_db_path("sampled").exists():
+            faiss_index.check_training_size(index, reader.db_num_chunks("sampled"))
 
     def prepare(self) -> None:
         info = self.info()
@@ -89,6 +96,13 @@ class IndexTrainStage(EmbeddingStage):
 
     def outputs(self) -> list[Path]:
         return [self.workdir.index_root]
+
+    def bar_label(self) -> str:
+        return "index-train: embedding the recall queries"
+
+    def finalize_note(self) -> str | None:
+        info = self.info()
+        return f"training {info['index_str']} on the sampled chunks' embeddings (one job on a whole node)"
 
     def final_outputs(self) -> list[Path]:
         info = read_json(self.workdir.index_info_path)
