@@ -143,19 +143,26 @@ def run_stages(workdir, stages: list[str], given: dict[str, Any] | None = None,
     affect and those downstream), and one whose input files changed stops naming the file. A stage that
     fails before it made anything keeps nothing of its run (options, inputs, files). ``redo`` rebuilds
     ``stages`` (and the built stages downstream of them) although nothing changed. Every check runs before
-    anything is deleted. A first run that fails before any stage made something leaves no workdir behind.
+    anything is deleted. A first run that fails before any stage made something leaves no workdir behind (only
+    its log, where stage code failed: the error line points at its traceback).
     """
     wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
-    created = not wd.root.exists()
+    created = not wd.root.exists() or {p.name for p in wd.root.iterdir()} <= {"logs", ".lock"}  # ours alone
     try:
         return _run_stages(wd, stages, {k: v for k, v in (given or {}).items() if v is not None},
                            run or RunOptions(), force, redo)
-    except BaseException:
+    except BaseException as e:
         if created and not any(wd.has_outputs(s) for s in stage_order()):  # a failed first run leaves nothing
+            from retro_pipeline.errors import UserError
             from retro_pipeline.logs import detach_workdir_log
 
-            detach_workdir_log()
-            shutil.rmtree(wd.root, ignore_errors=True)
+            if isinstance(e, (UserError, KeyboardInterrupt)):  # said in full on the screen
+                detach_workdir_log()
+                shutil.rmtree(wd.root, ignore_errors=True)
+            else:  # a failure of stage code: only its log (with the traceback the error line points to) stays
+                for p in wd.root.iterdir():
+                    if p.name != "logs":
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         raise
 
 

@@ -130,7 +130,12 @@ def test_a_failed_first_run_keeps_nothing(tmp_path):
     FAIL["toy-a"] = 0
     with pytest.raises(StageFailed, match="toy-a failed at block 000-003"):
         run(wd, ["toy-a"], toy_a_n=3)
-    assert not wd.exists()  # a first run that made nothing leaves no workdir
+    # a first run that made nothing leaves no workdir, but for the log that the error line points at (with the
+    # traceback of stage code, under the CLI's logging: tests/test_new_user.py)
+    assert sorted(p.name for p in wd.iterdir()) == ["logs"]
+    with pytest.raises(RetroError, match="unknown option"):
+        run(wd, ["toy-a"], toy_zz=3)
+    assert not wd.exists()  # a one-line error: nothing kept
 
     FAIL.clear()
     run(wd, ["toy-a"], toy_a_n=3)
@@ -378,3 +383,51 @@ def test_unknown_options_and_stages_are_one_line_errors(tmp_path):
     with pytest.raises(RetroError, match="unknown stage 'toy-zz'"):
         run(tmp_path / "w", ["toy-zz"])
     assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------- worker logs and Ray's log dispatcher
+
+
+def test_warnings_before_a_failure_travel_with_it():
+    import logging
+
+    from retro_pipeline.logs import replay, run_capturing_logs
+
+    def work():
+        logging.getLogger("retro_pipeline.test").warning("odd input in block 3")
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError) as e:
+        run_capturing_logs(work)
+    records = e.value.retro_log_records
+    assert [(n, lvl, m) for n, lvl, m in records] == [("retro_pipeline.test", logging.WARNING, "odd input in block 3")]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(e.value)).retro_log_records == records  # as Ray ships it to the driver
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    h = Keep()
+    logging.getLogger("retro_pipeline").addHandler(h)
+    try:
+        replay(records)
+    finally:
+        logging.getLogger("retro_pipeline").removeHandler(h)
+    assert seen == ["odd input in block 3"]
+
+
+def test_the_ray_log_filter_fails_soft_on_another_layout(monkeypatch):
+    import ray._private.ray_logging as ray_logging
+
+    from retro_pipeline.executor.ray import _drop_kill_noise
+
+    class Other:  # a dispatcher without the private attributes the filter uses
+        pass
+
+    monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", Other())
+    _drop_kill_noise()  # no exception: lines are printed as Ray prints them
+    monkeypatch.delattr(ray_logging, "global_worker_stdstream_dispatcher")
+    _drop_kill_noise()

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
-from retro_pipeline.errors import RetroError, UserError, require
+from retro_pipeline.errors import RetroError, StageFailed, UserError, require
 from retro_pipeline.executor.base import INFRA_RETRIES, OnResult, run_block, stage_failed
 from retro_pipeline.logs import replay, run_capturing_logs
 from retro_pipeline.stage import Block, Stage
@@ -247,6 +247,12 @@ def _one_off(fn, *args):
     return run_capturing_logs(fn, *args)
 
 
+# Seen on a simulated cluster: a driver that sends a token (RAY_AUTH_MODE=token, set where this machine has
+# ~/.ray/auth_token) to a cluster that checks none has every actor it starts cancelled at once.
+CHECK_CLUSTER = ("check the Ray cluster ('ray status', the raylet logs); a cluster started without token "
+                 "authentication needs RAY_AUTH_MODE=disabled on a driver that has a Ray token")
+
+
 class _Worker:
     """One actor of the pool as the driver tracks it."""
 
@@ -371,8 +377,8 @@ class RayExecutor:
                 lost += 1
                 self.stats["lost"] += 1
                 if lost > INFRA_RETRIES:
-                    raise RuntimeError(f"[{stage.name}] {what}: workers kept failing ({type(e).__name__}); "
-                                       f"check the Ray cluster") from None
+                    raise StageFailed(f"[{stage.name}] {what}: its workers kept being lost ({type(e).__name__}); "
+                                      f"{CHECK_CLUSTER}") from None
                 log.warning("[%s] %s: its worker was lost (%s); running it again", stage.name, what,
                             type(e).__name__)
                 continue
@@ -477,8 +483,8 @@ class RayExecutor:
                                         "workers", stage.name, block.name, type(e).__name__)
                             drop(w)
                         if infra_failures[block.name] > INFRA_RETRIES:
-                            raise RuntimeError(f"[{stage.name}] block {block.name}: workers kept failing "
-                                               f"({type(e).__name__}); check the Ray cluster") from None
+                            raise StageFailed(f"[{stage.name}] block {block.name}: its workers kept being lost "
+                                              f"({type(e).__name__}); {CHECK_CLUSTER}") from None
                         pending.appendleft(block)
                     else:
                         self.stats["blocks"] += 1
@@ -486,7 +492,8 @@ class RayExecutor:
                         replay(records)
                         on_result(block, result)
                 if lost_actors > INFRA_RETRIES * max(1, n):
-                    raise RuntimeError(f"[{stage.name}] {lost_actors} workers were lost; check the Ray cluster")
+                    raise StageFailed(f"[{stage.name}] {lost_actors} workers were lost or could not start; "
+                                      f"{CHECK_CLUSTER}")
                 now = time.monotonic()
                 if now - last_resize > 2.0 or not any(w.ready for w in workers):
                     last_resize = now
