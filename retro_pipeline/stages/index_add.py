@@ -132,7 +132,8 @@ class IndexAddStage(EmbeddingStage):
         return self.outputs()[3:]
 
     def finalize_note(self) -> str | None:
-        return f"merging the blocks' codes into {self.index_str} and tuning its search for --target-recall"
+        return f"merging the blocks' codes into {self.index_str} and measuring its recall (tuning its search " \
+               f"settings to --target-recall where it has any)"
 
     # ---- worker side
     def setup(self, resources: dict[str, Any]):
