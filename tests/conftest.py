@@ -1,29 +1,20 @@
-"""Shared fixtures: one Ray session for the whole test run, small tokenizers and corpora."""
+"""Shared fixtures: one Ray session for the whole test run, small tokenizers and corpora (shared plain
+functions are in helpers.py)."""
 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
-
-
-def script(name: str) -> str:
-    """A console script of the environment running the tests (its bin/ need not be on PATH)."""
-    return os.path.join(os.path.dirname(sys.executable), name)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+pytest.register_assert_rewrite("helpers")  # before its import: its asserts explain themselves as the tests' do
+
+# the helpers the test modules share are in helpers.py (free_port and script are also imported from here)
+from helpers import free_port, script, write_corpus  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +88,9 @@ def tiny_bert_dir(tmp_path_factory, bert_dir) -> str:
 @pytest.fixture()
 def corpus(tmp_path, gpt_tokenizer_path, corpus_texts):
     """A 12-document Megatron corpus of real text (GPT tokens, EOD-terminated) under tmp_path/c."""
-    import numpy as np
-
-    from retro_pipeline.corpus import write_indexed_dataset
     from retro_pipeline.tokenizers import load_gpt_tokenizer
 
-    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
-    prefix = str(tmp_path / "c")
-    write_indexed_dataset(prefix, [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:12])], np.uint16)
-    return prefix
+    return write_corpus(tmp_path / "c", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts[:12])
 
 
 @pytest.fixture(scope="session")

@@ -9,18 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import assert_clean_error
 from retro_pipeline.cli import cli
 from retro_pipeline.corpus import write_indexed_dataset
-from retro_pipeline.tokenizers import load_gpt_tokenizer
-
-
-@pytest.fixture()
-def good(tmp_path, gpt_tokenizer_path, corpus_texts):
-    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
-    docs = [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:12])]
-    prefix = str(tmp_path / "c")
-    write_indexed_dataset(prefix, docs, np.uint16)
-    return prefix
 
 
 def run(workdir, prefix, gpt, bert, *extra):
@@ -30,17 +21,11 @@ def run(workdir, prefix, gpt, bert, *extra):
     return CliRunner().invoke(cli, args)
 
 
-def assert_clean_error(result, *words, workdir=None):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    if workdir is not None:
-        merged = workdir / "db" / "merged"
-        assert not any(merged.glob("*.hdf5")) if merged.exists() else True
-        assert not (workdir / "markers" / "db-build" / "_done.json").exists()
+def assert_nothing_done(workdir):
+    """No merged DB file and no done marker: nothing in ``workdir`` looks like a finished db-build."""
+    merged = workdir / "db" / "merged"
+    assert not any(merged.glob("*.hdf5")) if merged.exists() else True
+    assert not (workdir / "markers" / "db-build" / "_done.json").exists()
 
 
 def corrupt(prefix, what):
@@ -66,11 +51,12 @@ def corrupt(prefix, what):
 
 @pytest.mark.parametrize("what,word", [("truncated-bin", ".bin"), ("magic", ".idx"), ("legacy", ".idx"),
                                        ("version", ".idx"), ("pointer", ".idx")])
-def test_corrupt_corpus(tmp_path, good, gpt_tokenizer_path, bert_dir, what, word):
-    corrupt(good, what)
+def test_corrupt_corpus(tmp_path, corpus, gpt_tokenizer_path, bert_dir, what, word):
+    corrupt(corpus, what)
     wd = tmp_path / "w"
-    r = run(wd, good, gpt_tokenizer_path, bert_dir)
-    assert_clean_error(r, good + word, workdir=wd)
+    r = run(wd, corpus, gpt_tokenizer_path, bert_dir)
+    assert_clean_error(r, corpus + word)
+    assert_nothing_done(wd)
     assert not (wd / "config.json").exists()  # a fixed corpus can be given on the next run
 
 
@@ -79,7 +65,8 @@ def test_token_outside_vocabulary(tmp_path, gpt_tokenizer_path, bert_dir):
     write_indexed_dataset(prefix, [np.array([5, 6, 7]), np.array([8, 60000, 0])], np.uint16)
     wd = tmp_path / "w"
     r = run(wd, prefix, gpt_tokenizer_path, bert_dir)
-    assert_clean_error(r, "60000", "vocabulary", prefix + ".bin", workdir=wd)
+    assert_clean_error(r, "60000", "vocabulary", prefix + ".bin")
+    assert_nothing_done(wd)
 
 
 def test_token_outside_vocabulary_from_a_ray_worker(tmp_path, gpt_tokenizer_path, bert_dir, ray_session):
@@ -95,16 +82,18 @@ def test_token_outside_vocabulary_from_a_ray_worker(tmp_path, gpt_tokenizer_path
     assert not (tmp_path / "w" / "db" / "merged").exists()
 
 
-def test_missing_tokenizer(tmp_path, good, bert_dir):
-    r = run(tmp_path / "w", good, str(tmp_path / "nope" / "tokenizer.json"), bert_dir)
-    assert_clean_error(r, "nope", workdir=tmp_path / "w")
+def test_missing_tokenizer(tmp_path, corpus, bert_dir):
+    r = run(tmp_path / "w", corpus, str(tmp_path / "nope" / "tokenizer.json"), bert_dir)
+    assert_clean_error(r, "nope")
+    assert_nothing_done(tmp_path / "w")
 
 
 def test_empty_corpus(tmp_path, gpt_tokenizer_path, bert_dir):
     prefix = str(tmp_path / "empty")
     write_indexed_dataset(prefix, [], np.uint16)
     r = run(tmp_path / "w", prefix, gpt_tokenizer_path, bert_dir)
-    assert_clean_error(r, prefix, "no documents", workdir=tmp_path / "w")
+    assert_clean_error(r, prefix, "no documents")
+    assert_nothing_done(tmp_path / "w")
 
 
 def test_missing_corpus_files(tmp_path, gpt_tokenizer_path, bert_dir):
@@ -112,35 +101,35 @@ def test_missing_corpus_files(tmp_path, gpt_tokenizer_path, bert_dir):
     assert_clean_error(r, "absent")
 
 
-def test_conflicting_rerun_names_keys_and_force_rebuilds(tmp_path, good, gpt_tokenizer_path, bert_dir):
+def test_conflicting_rerun_names_keys_and_force_rebuilds(tmp_path, corpus, gpt_tokenizer_path, bert_dir):
     wd = tmp_path / "w"
-    assert run(wd, good, gpt_tokenizer_path, bert_dir).exit_code == 0
+    assert run(wd, corpus, gpt_tokenizer_path, bert_dir).exit_code == 0
     n16 = json.loads((wd / "db" / "indexed_dataset_infos.json").read_text())[0]["n_chunks"]
-    r = run(wd, good, gpt_tokenizer_path, bert_dir, "--chunk-length", "32", "--seed", "9")
+    r = run(wd, corpus, gpt_tokenizer_path, bert_dir, "--chunk-length", "32", "--seed", "9")
     assert_clean_error(r, "chunk_length", "seed", "--force")
     assert json.loads((wd / "config.json").read_text())["chunk_length"] == 16
     # a rerun that repeats the stored values, or leaves them out, is fine
     r = CliRunner().invoke(cli, ["db-build", "--workdir", str(wd), "--executor", "local", "--no-progress"])
     assert r.exit_code == 0, r.output
-    r = run(wd, good, gpt_tokenizer_path, bert_dir, "--chunk-length", "32", "--force")
+    r = run(wd, corpus, gpt_tokenizer_path, bert_dir, "--chunk-length", "32", "--force")
     assert r.exit_code == 0, r.output
     n32 = json.loads((wd / "db" / "indexed_dataset_infos.json").read_text())[0]["n_chunks"]
     assert n32 < n16
     assert json.loads((wd / "config.json").read_text())["chunk_length"] == 32
 
 
-def test_status_and_bad_options(tmp_path, good, gpt_tokenizer_path, bert_dir):
+def test_status_and_bad_options(tmp_path, corpus, gpt_tokenizer_path, bert_dir):
     wd = tmp_path / "w"
     r = CliRunner().invoke(cli, ["status", "--workdir", str(wd)])
     assert_clean_error(r, "not a retro-pipeline workdir")
-    assert run(wd, good, gpt_tokenizer_path, bert_dir).exit_code == 0
+    assert run(wd, corpus, gpt_tokenizer_path, bert_dir).exit_code == 0
     r = CliRunner().invoke(cli, ["status", "--workdir", str(wd)])
     assert r.exit_code == 0 and "db-build" in r.output and "done" in r.output
     assert "embed-sampled" in r.output and "not started" in r.output
-    assert_clean_error(run(tmp_path / "x", good, gpt_tokenizer_path, bert_dir, "--split", "a,b"), "--split")
+    assert_clean_error(run(tmp_path / "x", corpus, gpt_tokenizer_path, bert_dir, "--split", "a,b"), "--split")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("chunk_lenght: 3\n")
-    assert_clean_error(run(tmp_path / "y", good, gpt_tokenizer_path, bert_dir, "--config", str(cfg)), "chunk_lenght")
+    assert_clean_error(run(tmp_path / "y", corpus, gpt_tokenizer_path, bert_dir, "--config", str(cfg)), "chunk_lenght")
 
 
 def test_out_of_range_options_are_refused_from_the_command_line_and_a_config_file(tmp_path):

@@ -7,15 +7,8 @@ import subprocess
 import sys
 
 import h5py
-from click.testing import CliRunner
 
-from retro_pipeline.cli import cli
-
-
-def invoke(*args):
-    r = CliRunner().invoke(cli, list(args))
-    assert r.exit_code == 0, (r.output, r.exception)
-    return r
+from helpers import invoke_ok as invoke
 
 
 def test_text_to_embeddings(tmp_path, corpus_texts, tiny_bert_dir):

@@ -9,12 +9,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from conftest import free_port, script
+from helpers import env_without_ray_address, free_port, script, write_corpus
 from retro_pipeline.config import RunOptions
-from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
@@ -25,7 +23,7 @@ def head_node(tmp_path):
     from retro_pipeline.executor.ray import cluster_file
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     before = open(cluster_file()).read() if os.path.exists(cluster_file()) else None
     proc = subprocess.Popen([script("ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",
                              "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
@@ -52,12 +50,10 @@ def head_node(tmp_path):
 
 
 def test_address_joins_a_cluster(tmp_path, head_node, gpt_tokenizer_path, bert_dir, corpus_texts):
-    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
-    prefix = str(tmp_path / "c")
-    write_indexed_dataset(prefix, [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:50])], np.uint16)
+    prefix = write_corpus(tmp_path / "c", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts[:50])
     args = ["--data-path", prefix, "--gpt-tokenizer", gpt_tokenizer_path, "--embedder", bert_dir,
             "--block-size", "8", "--no-progress"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     r = subprocess.run([sys.executable, "-m", "retro_pipeline.cli", "db-build", "--workdir", str(tmp_path / "w"),
                         "--address", head_node, *args], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -69,9 +65,7 @@ def test_address_joins_a_cluster(tmp_path, head_node, gpt_tokenizer_path, bert_d
 
 
 def test_unreachable_address_is_a_clear_error(tmp_path, gpt_tokenizer_path, bert_dir, corpus_texts):
-    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
-    prefix = str(tmp_path / "c")
-    write_indexed_dataset(prefix, [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:5])], np.uint16)
+    prefix = write_corpus(tmp_path / "c", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts[:5])
     r = subprocess.run([sys.executable, "-m", "retro_pipeline.cli", "db-build", "--workdir", str(tmp_path / "w"),
                         "--data-path", prefix, "--gpt-tokenizer", gpt_tokenizer_path, "--embedder", bert_dir,
                         "--address", f"127.0.0.1:{free_port()}", "--no-progress"],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from dbutil import edge_case_docs, read_h5, reference_block
+from helpers import edge_case_docs, read_h5, reference_block
 from retro_pipeline.config import RunOptions
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages

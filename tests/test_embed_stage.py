@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tokenizers
 
+from helpers import write_corpus
 from retro_pipeline.config import RunOptions
-from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.read import read_embeddings
 from retro_pipeline.tokenizers import load_gpt_tokenizer
@@ -18,11 +18,8 @@ from retro_pipeline.tokenizers import load_gpt_tokenizer
 
 @pytest.fixture(scope="module")
 def prefix(tmp_path_factory, gpt_tokenizer_path, corpus_texts):
-    gpt = load_gpt_tokenizer(gpt_tokenizer_path)
-    docs = [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:30])]
-    p = str(tmp_path_factory.mktemp("c") / "corpus")
-    write_indexed_dataset(p, docs, np.uint16)
-    return p
+    return write_corpus(tmp_path_factory.mktemp("c") / "corpus", load_gpt_tokenizer(gpt_tokenizer_path),
+                        corpus_texts[:30])
 
 
 def given(prefix, gpt, model):

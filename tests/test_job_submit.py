@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, script
+from helpers import BUILD_OPTIONS, STAGES, build_corpus, env_without_ray_address, free_port, outputs, script
 from retro_pipeline.config import RunOptions
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
-from test_build_kill import OPTIONS, STAGES, make_corpus, outputs
 
-pytest.importorskip("faiss")
 REPO = Path(__file__).resolve().parents[1]
 PORTS = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
          "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port", "node-manager-port",
@@ -80,11 +78,11 @@ def job_cluster():
 def test_ray_job_submit_builds_what_a_local_build_does(tmp_path, job_cluster, gpt_tokenizer_path, tiny_bert_dir,
                                                        corpus_texts):
     url, temp, env = job_cluster
-    prefix = make_corpus(tmp_path / "corpus", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts)
+    prefix = build_corpus(tmp_path / "corpus", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts)
     wd = tmp_path / "w"
     build = ["python", "-m", "workflows.build", "--workdir", str(wd), "--data-path", prefix,  # as the README says
              "--gpt-tokenizer", gpt_tokenizer_path, "--embedder", tiny_bert_dir, "--no-progress"]
-    for k, v in OPTIONS.items():
+    for k, v in BUILD_OPTIONS.items():
         build += [f"--{k.replace('_', '-')}", str(v)]
     # without RAY_AUTH_MODE=token `ray job submit` sends no token, even one it has: refused at once
     bare = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
@@ -99,7 +97,7 @@ def test_ray_job_submit_builds_what_a_local_build_does(tmp_path, job_cluster, gp
     try:
         ref = tmp_path / "ref"  # meanwhile, the same build locally (one process, no Ray)
         run_stages(str(ref), STAGES, {"data_path": ["1", prefix], "gpt_tokenizer": gpt_tokenizer_path,
-                                      "embedder": tiny_bert_dir, **OPTIONS},
+                                      "embedder": tiny_bert_dir, **BUILD_OPTIONS},
                    RunOptions(executor="local", progress=False))
         out, _ = job.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -135,7 +133,7 @@ def test_the_example_cluster_yaml_is_valid_for_the_cluster_launcher():
 
 def test_outside_a_job_the_entry_point_joins_the_recorded_cluster(tmp_path, corpus, gpt_tokenizer_path, bert_dir):
     """No RAY_ADDRESS: --address auto, so no cluster recorded on this machine is the CLI's one-line error, exit 2."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     env["RAY_TMPDIR"] = str(tmp_path / "ray")  # where `ray start` would have recorded one: nothing there
     r = subprocess.run([sys.executable, "-m", "workflows.build", "--workdir", str(tmp_path / "w"), "--data-path",
                         corpus, "--gpt-tokenizer", gpt_tokenizer_path, "--embedder", bert_dir, "--no-progress"],

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from dbutil import edge_case_docs
+from helpers import edge_case_docs, env_without_ray_address
 from retro_pipeline.config import RunOptions
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
@@ -23,12 +23,6 @@ def cli(workdir, prefix, gpt, bert, workers):
     return [sys.executable, "-m", "retro_pipeline.cli", "db-build", "--workdir", str(workdir), "--data-path", prefix,
             "--gpt-tokenizer", gpt, "--embedder", bert, "--chunk-length", "16", "--block-size", "10",
             "--num-workers", str(workers), "--no-progress"]
-
-
-def clean_env():
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.mark.parametrize("rerun_workers", [2, 1])
@@ -44,7 +38,7 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, gpt_tokenizer_path, bert
     wd = tmp_path / "w"
     markers = wd / "markers" / "db-build"
     proc = subprocess.Popen(cli(wd, prefix, gpt_tokenizer_path, bert_dir, 2), start_new_session=True,
-                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env_without_ray_address(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if markers.exists() and len([p for p in markers.glob("*.json") if not p.name.startswith("_")]) >= 3:
@@ -60,7 +54,7 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path, gpt_tokenizer_path, bert
                         capture_output=True, text=True, check=True).stdout
     assert f"partial    {n_done} of 40 blocks" in st, st
 
-    r = subprocess.run(cli(wd, prefix, gpt_tokenizer_path, bert_dir, rerun_workers), env=clean_env(),
+    r = subprocess.run(cli(wd, prefix, gpt_tokenizer_path, bert_dir, rerun_workers), env=env_without_ray_address(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("train", "sampled", "valid"):

@@ -9,14 +9,14 @@ import subprocess
 import h5py
 import numpy as np
 
-from conftest import script
+from helpers import env_without_ray_address, script
 from megatron_ref import check_megatron_reads_workdir
 
 
 def test_readme_main_command(tmp_path):
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     assert "retro-pipeline build --workdir demo\n" in readme
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     r = subprocess.run([script("retro-pipeline"), "build", "--workdir", "demo", "--no-progress"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

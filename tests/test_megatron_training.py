@@ -10,14 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from dbutil import random_size_corpus
+from helpers import STAGES, random_size_corpus
 from megatron_ref import check_megatron_reads_workdir, megatron_retro_datasets
 from retro_pipeline.config import RunOptions
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
-
-pytest.importorskip("faiss")
-STAGES = ["db-build", "embed-sampled", "index-train", "index-add", "query-neighbors"]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import env_without_ray_address, one_line_error
 from retro_pipeline.cli import cli
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.tokenizers import load_gpt_tokenizer
@@ -25,17 +26,8 @@ def db_args(wd, prefix, gpt, bert, *extra, local=True):
             *(["--executor", "local"] if local else []), *extra]
 
 
-def one_line_error(stderr: str, *words, code_ok=True) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    assert "Traceback" not in stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
 def cli_run(args, timeout=120, env=None):
-    env = {k: v for k, v in (env or os.environ).items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address(env)
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "retro_pipeline.cli", *args], capture_output=True, text=True,
                        timeout=timeout, env=env)
@@ -206,7 +198,7 @@ def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, gpt_tokenizer_path,
     docs = [np.append(t, gpt.eod_id) for t in gpt.encode_batch(corpus_texts[:80])] * 4
     write_indexed_dataset(prefix, docs, np.uint16)
     wd = tmp_path / "w"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     args = db_args(wd, prefix, gpt_tokenizer_path, bert_dir, "--block-size", "2", local=False)
     proc = subprocess.Popen([sys.executable, "-m", "retro_pipeline.cli", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

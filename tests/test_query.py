@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 
-import h5py
 import numpy as np
 import pytest
 
-from dbutil import random_size_corpus
+from helpers import STAGES, random_size_corpus, saved_neighbors
 from retro_pipeline.config import RunOptions
 from retro_pipeline.corpus import IndexedDataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
-pytest.importorskip("faiss")
-STAGES = ["db-build", "embed-sampled", "index-train", "index-add", "query-neighbors"]
 SEQ, CL = 64, 16
 
 
@@ -31,12 +28,6 @@ def build(wd, prefix, gpt_path, model, **kw):
              "global_batch_size": 4, "eval_iters": 2, "eval_interval": 1000,
              "num_neighbors_query": 100000, "num_neighbors_save": 5, "num_queries": 20, **kw}
     return run_stages(str(wd), STAGES, given, RunOptions(executor="local", progress=False))
-
-
-def neighbors(wd, split):
-    d = wd / "query" / json.loads((wd / "config.json").read_text())["retro_neighbor_dirs"][split]
-    files = sorted(d.glob("*.hdf5"), key=lambda p: int(p.name.split("-")[0]))
-    return np.concatenate([h5py.File(p, "r")["neighbors"][...] for p in files])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -65,7 +56,7 @@ def test_neighbors_equal_a_numpy_brute_force_with_the_own_sample_filter(tmp_path
     block = stored["retro_block_size"]
     for split in ("train", "valid", "test"):
         ss = reader.samples(split)
-        saved = neighbors(wd, split)
+        saved = saved_neighbors(wd, split)
         assert saved.shape == (ss.n_samples * SEQ // CL, 5)
         files = sorted((wd / "query" / stored["retro_neighbor_dirs"][split]).glob("*.hdf5"))
         starts = sorted(int(p.name.split("-")[0]) for p in files)

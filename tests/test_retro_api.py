@@ -3,24 +3,20 @@ inspect``, each compared with what the raw corpus arrays and the raw HDF5 files 
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from retro_pipeline.cli import cli
+from helpers import STAGES, assert_clean_error, invoke, saved_neighbors
 from retro_pipeline.config import RunOptions
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.errors import RetroError
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
-pytest.importorskip("faiss")
-STAGES = ["db-build", "embed-sampled", "index-train", "index-add", "query-neighbors"]
 SEQ, CL, K = 16, 4, 100  # K > train-DB rows: every chunk's list ends in -1 padding
 
 
@@ -48,12 +44,6 @@ def built(tmp_path_factory, gpt_tokenizer_path, tiny_bert_dir):
                RunOptions(executor="local", progress=False))
     db = h5py.File(wd / "db" / "merged" / "train.hdf5", "r")["chunks"][...].astype(np.int64)
     return {"wd": wd, "docs": docs, "db": db, "gpt": gpt, "prefix": prefix}
-
-
-def saved_neighbors(wd, split):
-    d = wd / "query" / json.loads((wd / "config.json").read_text())["retro_neighbor_dirs"][split]
-    files = sorted(d.glob("*.hdf5"), key=lambda p: int(p.name.split("-")[0]))
-    return np.concatenate([h5py.File(p, "r")["neighbors"][...] for p in files])
 
 
 def last_of_long_doc(db) -> int:
@@ -242,18 +232,6 @@ def test_retro_getters(built, tiny_bert_dir, capsys, monkeypatch):
             call()
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_error(r, *words):
-    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-
-
 def test_inspect_cli(built):
     wd, db, docs, gpt = built["wd"], built["db"], built["docs"], built["gpt"]
     i = len(db) // 3
@@ -287,11 +265,11 @@ def test_inspect_cli(built):
     compact = invoke("inspect", "-w", wd, "sample", "valid", 2).stdout.splitlines()
     assert len(compact) == 2 + (SEQ // CL) * 3 and compact[0].startswith("valid sample 2 of 3: 17 tokens, 4 chunks")
     # mistakes: one line, exit 2
-    one_error(invoke("inspect", "-w", wd, "db", len(db)), f"chunk id {len(db)} out of range", str(wd))
-    one_error(invoke("inspect", "-w", wd, "sample", "dev", 0), "unknown split 'dev'")
-    one_error(invoke("inspect", "-w", wd, "sample", "valid", 3), "sample 3 out of range; the valid split has 3")
-    one_error(invoke("inspect", "db", 0), "Missing option '--workdir'")
-    one_error(invoke("inspect", "-w", wd / "nothing", "db", 0), "not a retro-pipeline workdir")
+    assert_clean_error(invoke("inspect", "-w", wd, "db", len(db)), f"chunk id {len(db)} out of range", str(wd))
+    assert_clean_error(invoke("inspect", "-w", wd, "sample", "dev", 0), "unknown split 'dev'")
+    assert_clean_error(invoke("inspect", "-w", wd, "sample", "valid", 3), "sample 3 out of range; the valid split has 3")
+    assert_clean_error(invoke("inspect", "db", 0), "Missing option '--workdir'")
+    assert_clean_error(invoke("inspect", "-w", wd / "nothing", "db", 0), "not a retro-pipeline workdir")
     r = invoke("inspect", "--help")
     assert r.exit_code == 0 and "inspect --workdir W sample train 0" in r.output and "RetroDataset" in r.output
 
@@ -306,7 +284,7 @@ def test_a_workdir_without_neighbors_is_a_clear_error(built, tmp_path, gpt_token
         RetroSamples(wd, "train")
     with pytest.raises(RetroError, match="unknown split 'dev'"):
         RetroSamples(wd, "dev")
-    one_error(invoke("inspect", "-w", wd, "sample", "train", 0), "no neighbors yet", "query-neighbors", str(wd))
+    assert_clean_error(invoke("inspect", "-w", wd, "sample", "train", 0), "no neighbors yet", "query-neighbors", str(wd))
     r = invoke("inspect", "-w", wd, "db", 0)
     assert r.exit_code == 0 and r.stdout.startswith("chunk 0 of ")
 

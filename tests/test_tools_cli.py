@@ -12,30 +12,16 @@ import time
 
 import click
 import pytest
-from click.testing import CliRunner
 
+from helpers import assert_clean_error, invoke
 from retro_pipeline.cli import cli
 
 TEXTS = ["Hello world", "Retrieval-enhanced transformers, café 日本", "a\nb\n\nc", "The end."]
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def write_jsonl(path, texts):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
-
-
-def assert_clean_error(result, *words):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def assert_no_corpus(prefix):

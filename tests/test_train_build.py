@@ -14,12 +14,12 @@ import numpy as np
 import tokenizers
 from click.testing import CliRunner
 
-from conftest import script
+from helpers import env_without_ray_address, script
 from retro_pipeline.cli import cli
 
 
 def _build(wd, model, cwd):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     return subprocess.run([script("retro-pipeline"), "build", "--workdir", str(wd), "--embedder", str(model),
                            "--executor", "local", "--no-progress"], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 

@@ -7,20 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from retro_pipeline.cli import cli
-
-
-def _invoke(args):
-    r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 0, (r.output, r.exception)
-    return r
+from helpers import invoke_ok
 
 
 def _mrr(model, pairs) -> float:
     args = ["evaluate", "--eval-file", str(pairs / "test.jsonl"), "--json"]
-    r = _invoke(args + (["--model", str(model)] if model else []))
+    r = invoke_ok(*args + (["--model", str(model)] if model else []))
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
     assert metrics["n_queries"] == len({json.loads(line)["query"] for line in open(pairs / "test.jsonl")})
     return metrics["mrr@10"]
@@ -29,7 +22,7 @@ def _mrr(model, pairs) -> float:
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     d = tmp_path_factory.mktemp("pairs")
-    _invoke(["demo-pairs", "--output-dir", str(d)])
+    invoke_ok("demo-pairs", "--output-dir", str(d))
     train = [json.loads(line) for line in open(d / "train.jsonl")]
     test = [json.loads(line) for line in open(d / "test.jsonl")]
     assert len(train) > 1000 and len(test) > 300
@@ -47,9 +40,9 @@ def pairs(tmp_path_factory):
 def test_contrastive_fine_tuning_raises_minilm_held_out_mrr(tmp_path, pairs):
     before = _mrr(None, pairs)                          # the packaged MiniLM as it ships
     out = tmp_path / "enc"
-    _invoke(["train", "--task", "contrastive", "--train-file", str(pairs / "train.jsonl"), "--output-dir", str(out),
-             "--max-steps", str(STEPS_MINILM), "--batch-size", "32", "--lr", "3e-5", "--warmup-ratio", "0.1",
-             "--max-length", "128", "--no-progress"])
+    invoke_ok("train", "--task", "contrastive", "--train-file", str(pairs / "train.jsonl"), "--output-dir", str(out),
+              "--max-steps", str(STEPS_MINILM), "--batch-size", "32", "--lr", "3e-5", "--warmup-ratio", "0.1",
+              "--max-length", "128", "--no-progress")
     after = _mrr(out, pairs)
     assert after >= before + MINILM_GAIN, (before, after)
 
@@ -75,19 +68,19 @@ def _random_bert(out, tokenizer_dir):
 
 
 def test_retromae_pre_training_beats_contrastive_alone_on_a_random_bert(tmp_path, pairs):
-    _invoke(["train-tokenizer", "--input", str(pairs / "pretrain.jsonl"), "--output", str(tmp_path / "tok"),
-             "--vocab-size", "2000", "--kind", "wordpiece"])
+    invoke_ok("train-tokenizer", "--input", str(pairs / "pretrain.jsonl"), "--output", str(tmp_path / "tok"),
+              "--vocab-size", "2000", "--kind", "wordpiece")
     init = _random_bert(tmp_path / "init", tmp_path / "tok")
     common = ["--max-length", "64", "--warmup-ratio", "0.1", "--no-progress"]
     pre = tmp_path / "retromae"
-    _invoke(["train", "--task", "retromae", "--model", str(init), "--train-file", str(pairs / "pretrain.jsonl"),
-             "--output-dir", str(pre), "--max-steps", str(STEPS_RETROMAE), "--batch-size", "64", "--lr", "2e-3"]
-            + common)
+    invoke_ok("train", "--task", "retromae", "--model", str(init), "--train-file", str(pairs / "pretrain.jsonl"),
+              "--output-dir", str(pre), "--max-steps", str(STEPS_RETROMAE), "--batch-size", "64", "--lr", "2e-3",
+              *common)
     mrr = {}
     for name, start in (("alone", init), ("retromae", pre)):
         out = tmp_path / f"{name}_contrastive"
-        _invoke(["train", "--task", "contrastive", "--model", str(start), "--train-file", str(pairs / "train.jsonl"),
-                 "--output-dir", str(out), "--max-steps", "120", "--batch-size", "32", "--lr", "1e-3"] + common)
+        invoke_ok("train", "--task", "contrastive", "--model", str(start), "--train-file", str(pairs / "train.jsonl"),
+                  "--output-dir", str(out), "--max-steps", "120", "--batch-size", "32", "--lr", "1e-3", *common)
         mrr[name] = _mrr(out, pairs)
     assert mrr["retromae"] >= mrr["alone"] + RETROMAE_GAIN, mrr
 

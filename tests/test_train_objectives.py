@@ -8,13 +8,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from embedder.errors import UserError  # noqa: E402
-from embedder.masking import IGNORE, enhanced_decoding_mask, mask_tokens  # noqa: E402
-from embedder.tasks import get_task  # noqa: E402
-from embedder.tasks.base import TaskOptions  # noqa: E402
+from embedder.errors import UserError
+from embedder.masking import IGNORE, enhanced_decoding_mask, mask_tokens
+from embedder.tasks import get_task
+from embedder.tasks.base import TaskOptions
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",

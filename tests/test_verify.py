@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import STAGES, assert_clean_error
 from retro_pipeline.cli import cli
 from retro_pipeline.config import RunOptions
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 from retro_pipeline.verify import pick, verify
-
-pytest.importorskip("faiss")
-STAGES = ["db-build", "embed-sampled", "index-train", "index-add", "query-neighbors"]
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +112,5 @@ def test_bad_input_is_one_error_line(tmp_path, workdir, args, words):
         wd.mkdir()
     if workdir == "nothing done":
         (wd / "config.json").write_text("{}")
-    r = invoke("--workdir", wd, *args)
-    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
-    assert all(w in lines[0] for w in words), lines[0]
+    assert_clean_error(invoke("--workdir", wd, *args), *words)
     assert not list(tmp_path.rglob(".verify-*"))
