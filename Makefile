@@ -24,5 +24,10 @@ setup-dev: $(PY)
 demo: setup
 	$(VENV)/bin/retro-pipeline build --workdir demo
 
+# The tests come in two tiers (markers in pyproject.toml): plain `pytest` runs the fast one (unit tests, small
+# builds: about two minutes on 2 cores); the slow one (marked `slow`, and `cluster` for tests that start Ray
+# clusters of their own) holds the end-to-end builds, kill-and-resume runs and training to a measured gain.
+# `make test` runs both: `-m ''` replaces the default `-m 'not slow and not cluster'`. Slow tier alone:
+# `$(PY) -m pytest -m slow`.
 test: setup-dev
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m ''

@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from helpers import BUILD_OPTIONS as OPTIONS  # test_lost_node.py imports OPTIONS, cli_args, STAGES, blocks_done,
 from helpers import STAGES, blocks_done, build_corpus, env_without_ray_address, outputs  # outputs from here
@@ -23,6 +24,7 @@ from retro_pipeline.config import RunOptions
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
+pytestmark = pytest.mark.slow  # eight killed builds and a rerun on Ray
 
 # (stage, how): a block count watched from outside, or a failpoint inside a one-off job
 KILLS = [("db-build", "blocks"), ("db-build", "db-build:finalize"), ("embed-sampled", "blocks"),

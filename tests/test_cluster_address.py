@@ -49,6 +49,8 @@ def head_node(tmp_path):
                 f.write(before)
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_address_joins_a_cluster(tmp_path, head_node, gpt_tokenizer_path, bert_dir, corpus_texts):
     prefix = write_corpus(tmp_path / "c", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts[:50])
     args = ["--data-path", prefix, "--gpt-tokenizer", gpt_tokenizer_path, "--embedder", bert_dir,

@@ -32,6 +32,7 @@ def build(wd, prefix, gpt, model, device=None, **run):
                                                                "device": device}, RunOptions(progress=False, **run))
 
 
+@pytest.mark.slow  # Ray actor pools of 1 and 2 workers
 def test_embeddings_match_encoder_and_are_worker_independent(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
                                                             ray_session):
     from embedder import Encoder
@@ -89,6 +90,7 @@ def test_killed_embedding_resumes_without_recomputing(tmp_path, prefix, gpt_toke
     assert read_embeddings(str(tmp_path / "w")).tobytes() == read_embeddings(str(tmp_path / "clean")).tobytes()
 
 
+@pytest.mark.slow  # a Ray actor pool with a worker that dies
 def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir, ray_session):
     """A worker process that dies mid-block costs only that block: it is retried, the output is unchanged."""
     from retro_pipeline.executor.base import run_stage

@@ -50,6 +50,7 @@ def test_block_codes_added_in_order_equal_a_serial_add(index_str):
     assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
 
 
+@pytest.mark.slow  # trains an OPQ+IVF+PQ index twice: ~10 s
 def test_training_does_not_depend_on_the_thread_count(monkeypatch):
     x = np.random.default_rng(1).standard_normal((3000, 32)).astype(np.float32)
     out = {}
@@ -159,6 +160,7 @@ def test_index_build_embeds_each_chunk_once_and_measures_recall_exactly(tmp_path
     assert "index-add" in st and "nprobe" in st and "recall@10" in st
 
 
+@pytest.mark.slow  # three builds, the last resumed on a 2-worker Ray pool
 def test_interrupted_index_add_resumes_on_ray_byte_identical(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
                                                               ray_session, monkeypatch):
     from retro_pipeline.errors import StageFailed
@@ -249,6 +251,7 @@ def _stage_cli(wd, stage, workers, **env):
     return cmd, env
 
 
+@pytest.mark.slow  # CLI processes that start Ray, one killed
 def test_sigkill_during_index_add_then_rerun_with_one_worker_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
                                                                                  tiny_bert_dir, reference):
     import signal
@@ -282,6 +285,7 @@ def test_sigkill_during_index_add_then_rerun_with_one_worker_is_byte_identical(t
     assert json.loads((markers / "_done.json").read_text())["blocks_run"] == total - n_done
 
 
+@pytest.mark.slow  # a killed CLI process and a rerun on Ray, three times
 @pytest.mark.parametrize("point", ["index-train:trained", "index-add:finalize", "index-add:finalized"])
 def test_sigkill_inside_a_one_off_job_then_rerun_on_ray_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
                                                                           tiny_bert_dir, reference, ray_session,

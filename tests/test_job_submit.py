@@ -75,6 +75,8 @@ def job_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_ray_job_submit_builds_what_a_local_build_does(tmp_path, job_cluster, gpt_tokenizer_path, tiny_bert_dir,
                                                        corpus_texts):
     url, temp, env = job_cluster

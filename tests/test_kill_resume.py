@@ -18,6 +18,8 @@ from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
+pytestmark = pytest.mark.slow  # real processes killed and rerun, on Ray
+
 
 def cli(workdir, prefix, gpt, bert, workers):
     return [sys.executable, "-m", "retro_pipeline.cli", "db-build", "--workdir", str(workdir), "--data-path", prefix,

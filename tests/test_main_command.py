@@ -8,9 +8,12 @@ import subprocess
 
 import h5py
 import numpy as np
+import pytest
 
 from helpers import env_without_ray_address, script
 from megatron_ref import check_megatron_reads_workdir
+
+pytestmark = pytest.mark.slow  # the demo build, with the packaged MiniLM: minutes
 
 
 def test_readme_main_command(tmp_path):

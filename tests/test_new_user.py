@@ -152,6 +152,7 @@ def test_address_auto_with_a_stale_cluster_file_fails_fast(tmp_path, corpus, gpt
     one_line_error(r.stderr, "--address auto", "192.0.2.2:54911", "ray_current_cluster")
 
 
+@pytest.mark.slow  # three CLI processes that each start Ray
 def test_impossible_worker_shape_and_cuda_without_gpu_fail_at_once(tmp_path, corpus, gpt_tokenizer_path,
                                                                     tiny_bert_dir):
     r, secs = cli_run(db_args(tmp_path / "w", corpus, gpt_tokenizer_path, tiny_bert_dir, "--cpus-per-worker",
@@ -192,6 +193,7 @@ def test_gcs_actor_kill_noise_is_not_forwarded_but_worker_lines_are(ray_session,
     assert sum(name == "ray_print_logs" for name, _ in dispatcher.handlers) == 1
 
 
+@pytest.mark.slow  # a CLI process that starts Ray, stopped, then rerun
 def test_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, gpt_tokenizer_path, bert_dir, corpus_texts):
     gpt = load_gpt_tokenizer(gpt_tokenizer_path)
     prefix = str(tmp_path / "big")
@@ -237,6 +239,7 @@ def test_blend_weights_are_kept_by_the_auto_sample(tmp_path, gpt_tokenizer_path,
     one_line_error(r.stderr, "--index-ntrain", small)
 
 
+@pytest.mark.slow  # the example config's build, with the packaged MiniLM
 def test_example_config_runs_offline(tmp_path):
     root = os.path.join(os.path.dirname(__file__), "..")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

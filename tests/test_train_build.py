@@ -11,11 +11,14 @@ import subprocess
 
 import h5py
 import numpy as np
+import pytest
 import tokenizers
 from click.testing import CliRunner
 
 from helpers import env_without_ray_address, script
 from retro_pipeline.cli import cli
+
+pytestmark = pytest.mark.slow  # train, then three demo builds
 
 
 def _build(wd, model, cwd):

@@ -10,6 +10,8 @@ import pytest
 
 from helpers import invoke_ok
 
+pytestmark = pytest.mark.slow  # training to a measured gain: minutes
+
 
 def _mrr(model, pairs) -> float:
     args = ["evaluate", "--eval-file", str(pairs / "test.jsonl"), "--json"]
