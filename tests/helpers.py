@@ -57,6 +57,15 @@ def invoke_ok(*args):
     return r
 
 
+def db_build_args(wd, prefix, gpt, bert, *extra, local: bool = True) -> list[str]:
+    """A small db-build's command line (after ``retro-pipeline``): chunks of 16 tokens, blocks of 4 documents, no
+    progress bars, the local executor unless ``local`` is false; ``extra`` comes last (it may override)."""
+    args = ["db-build", "--workdir", wd, "--data-path", prefix, "--gpt-tokenizer", gpt, "--embedder", bert,
+            "--chunk-length", 16, "--block-size", 4, "--no-progress", *(["--executor", "local"] if local else []),
+            *extra]
+    return [str(a) for a in args]
+
+
 def one_line_error(stderr: str, *words, ignore: tuple[str, ...] = ()) -> str:
     """A failed command's stderr is one ``error: ...`` line (blank lines, and lines starting with one of
     ``ignore``, aside) holding each of ``words``, and no traceback; returns that line."""
@@ -159,7 +168,8 @@ def read_h5(path) -> dict[str, np.ndarray]:
 # options of a small build of all five stages (with BUILD_OPTIONS' corpus: every stage has several blocks)
 BUILD_OPTIONS = {"chunk_length": 16, "seq_length": 64, "split": "80,10,10", "index_str": "IVF4,Flat",
                  "block_size": 256, "num_queries": 40, "num_neighbors_save": 4, "num_neighbors_query": 40,
-                 "batch_size": 64, "device": "cpu"}
+                 "batch_size": 64, "device": "cpu",
+                 "embed_pool": 1}  # blocks embedded alone, so that kills land between blocks (pools: test_embed_stage)
 
 
 def build_corpus(path, gpt, texts) -> str:

@@ -9,16 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from helpers import assert_clean_error
+from helpers import assert_clean_error, db_build_args, invoke
 from retro_pipeline.cli import cli
 from retro_pipeline.corpus import write_indexed_dataset
 
 
 def run(workdir, prefix, gpt, bert, *extra):
-    args = ["db-build", "--workdir", str(workdir), "--data-path", prefix, "--gpt-tokenizer", gpt,
-            "--embedder", bert, "--executor", "local", "--no-progress", "--chunk-length", "16",
-            "--block-size", "4", *extra]
-    return CliRunner().invoke(cli, args)
+    return invoke(*db_build_args(workdir, prefix, gpt, bert, *extra))
 
 
 def assert_nothing_done(workdir):

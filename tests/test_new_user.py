@@ -14,16 +14,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import db_build_args as db_args
 from helpers import env_without_ray_address, one_line_error
 from retro_pipeline.cli import cli
 from retro_pipeline.corpus import write_indexed_dataset
 from retro_pipeline.tokenizers import load_gpt_tokenizer
-
-
-def db_args(wd, prefix, gpt, bert, *extra, local=True):
-    return ["db-build", "--workdir", str(wd), "--data-path", prefix, "--gpt-tokenizer", gpt, "--embedder", bert,
-            "--chunk-length", "16", "--block-size", "4", "--no-progress",
-            *(["--executor", "local"] if local else []), *extra]
 
 
 def cli_run(args, timeout=120, env=None):

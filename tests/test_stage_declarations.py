@@ -10,9 +10,8 @@ import os
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from retro_pipeline.cli import cli
+from helpers import db_build_args, invoke
 from retro_pipeline.io import atomic_path, write_json
 from retro_pipeline.stage import Block, Option, Resources, Stage, block_ranges, register, unregister
 
@@ -70,14 +69,8 @@ def toy_stage():
     unregister(ToyCountStage.name)
 
 
-def invoke(*args):
-    r = CliRunner().invoke(cli, [str(a) for a in args])
-    return r
-
-
 def db(wd, corpus, gpt, bert, *extra):
-    return invoke("db-build", "--workdir", wd, "--data-path", corpus, "--gpt-tokenizer", gpt, "--embedder", bert,
-                  "--chunk-length", 16, "--block-size", 4, "--no-progress", "--executor", "local", *extra)
+    return invoke(*db_build_args(wd, corpus, gpt, bert, *extra))
 
 
 def expected_counts(wd, scale):
