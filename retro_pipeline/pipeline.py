@@ -167,7 +167,6 @@ def run_stages(workdir, stages: list[str], given: dict[str, Any] | None = None,
 
 
 def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool, redo: bool) -> dict[str, dict]:
-    from retro_pipeline.executor.base import run_stage
     from retro_pipeline.logs import attach_workdir_log
 
     unknown = [s for s in stages if s not in stage_order()]

@@ -218,6 +218,20 @@ class Stage:
         """Write the block's files atomically and return its counts (JSON-serialisable)."""
         raise NotImplementedError
 
+    def groups(self, blocks: list[Block]) -> list[list[Block]]:
+        """The units of dispatch: runs of consecutive planned blocks that one worker processes in one call
+        (:meth:`process_group`), e.g. so that an encoder sorts all their texts by length at once. A pure
+        function of the plan and the config (never of the worker count), so that outputs do not depend on
+        how many workers ran; where some of a group's blocks are done, the others are made with the group as
+        it was planned (``todo`` of :meth:`process_group`). One block each by default."""
+        return [[b] for b in blocks]
+
+    def process_group(self, blocks: list[Block], state: Any, todo: list[Block] | None = None) -> list[dict[str, Any]]:
+        """Process a group of blocks (see :meth:`groups`): write the files of ``todo`` (a sub-list; None = all)
+        and return their counts, in order. A stage that computes across the group (one embedding pool)
+        computes it whole, so that a block made in a resumed run has the bytes it would have had."""
+        return [self.process(b, state) for b in (blocks if todo is None else todo)]
+
     def run_record(self, state: Any) -> dict[str, Any]:
         """How a worker made its blocks beyond the stored config, as run options (``--batch-size``, ...) that
         change outputs only at float precision: recorded in each block's marker, for ``verify``."""

@@ -1,7 +1,7 @@
 """verify: recompute a seeded random share of the blocks of every finished stage and compare them byte for byte.
 
-Each picked block is processed again in this process (the stage's ``setup`` once, then ``process``) with its
-files redirected into a scratch directory under the workdir (``W/.verify-<pid>-*``, removed at the end, on an
+Each picked block is processed again in this process (the stage's ``setup`` once, then ``process_group`` on
+the block's whole group: blocks an encoder embedded together are recomputed together) with its files redirected into a scratch directory under the workdir (``W/.verify-<pid>-*``, removed at the end, on an
 error and on Ctrl-C too): a copy of the :class:`Block` whose ``paths`` point there, so the stage code writes
 exactly what it wrote for the build, and nowhere in the workdir. Every file is then compared with the
 workdir's. Outputs are byte-deterministic (fixed HDF5 layouts, no timestamps, seeded choices), so equal
@@ -120,7 +120,9 @@ def verify_stage(stage, scratch: Path, fraction: float, seed: int, progress: boo
     if planned is not None and [b.name for b in blocks] != planned:
         raise RetroError(f"stage {stage.name}: its blocks now differ from those it was built with "
                          f"({wd.plan_marker(stage.name)}); rebuild it with --force before verifying")
-    picked = [blocks[i] for i in pick(len(blocks), fraction, seed, stage.name)]
+    picked = {blocks[i].name for i in pick(len(blocks), fraction, seed, stage.name)}
+    groups = [g for g in stage.groups(blocks) if picked & {b.name for b in g}]
+    picked = [b for g in groups for b in g]
     check = StageCheck(stage.name, len(picked), len(blocks))
     if not picked:
         return check
@@ -144,13 +146,16 @@ def verify_stage(stage, scratch: Path, fraction: float, seed: int, progress: boo
                    desc=f"verify {stage.name}", file=sys.stderr, dynamic_ncols=True)
     here = scratch / "block"
     try:
-        for b in picked:
-            copy = replace(b, paths=tuple(str(here / str(j) / Path(p).name) for j, p in enumerate(b.paths)))
-            call(f"block {b.name}", stage.process, copy, as_built(stage, b, state))
-            check.differs += [p for p, q in zip(b.paths, copy.paths) if not same_bytes(p, q)]
+        for group in groups:  # a picked block's whole group, as the build embedded them together
+            copies = [replace(b, paths=tuple(str(here / str(i) / str(j) / Path(p).name) for j, p in enumerate(b.paths)))
+                      for i, b in enumerate(group)]
+            what = f"block {group[0].name}" if len(group) == 1 else f"blocks {group[0].name}..{group[-1].name}"
+            call(what, stage.process_group, copies, as_built(stage, group[0], state))
+            for b, copy in zip(group, copies):
+                check.differs += [p for p, q in zip(b.paths, copy.paths) if not same_bytes(p, q)]
             shutil.rmtree(here)
             if bar is not None:
-                bar.update(b.size)
+                bar.update(sum(b.size for b in group))
     finally:
         if bar is not None:
             bar.close()

@@ -29,15 +29,34 @@ OnResult = Callable[[Block, dict], None]
 INFRA_RETRIES = 10
 
 
-def run_block(stage: Stage, block: Block, state: Any) -> dict[str, Any]:
-    """Process one block and describe its output for the completion marker."""
+def run_group(stage: Stage, blocks: list[Block], state: Any, todo: list[str] | None = None) -> list[dict[str, Any]]:
+    """Process a group of blocks (one, for most stages), making the blocks named ``todo`` (None = all), and
+    describe each one's output for its completion marker; the group's time is shared by block sizes."""
     t0 = time.perf_counter()
     slowpoint(f"{stage.name}:block")
-    counts = stage.process(block, state) or {}
-    sizes = {p: os.path.getsize(p) for p in block.paths}
-    return {"block": block.name, "paths": list(block.paths), "bytes": sizes, "counts": counts,
-            "run": stage.run_record(state), "seconds": round(time.perf_counter() - t0, 3),
-            "host": os.uname().nodename}
+    made = blocks if todo is None else [b for b in blocks if b.name in set(todo)]
+    counts = stage.process_group(blocks, state, None if todo is None else made)
+    if len(counts) != len(made):
+        raise RuntimeError(f"stage {stage.name}: process_group returned {len(counts)} results for {len(made)} "
+                           f"blocks")
+    seconds = time.perf_counter() - t0
+    rows = sum(b.size for b in made) or 1
+    run = stage.run_record(state)
+    group = [blocks[0].name, blocks[-1].name] if len(blocks) > 1 else None
+    out = []
+    for b, c in zip(made, counts):
+        sizes = {p: os.path.getsize(p) for p in b.paths}
+        m = {"block": b.name, "paths": list(b.paths), "bytes": sizes, "counts": c or {}, "run": run,
+             "seconds": round(seconds * b.size / rows, 3), "host": os.uname().nodename}
+        if group:
+            m["group"] = group  # embedded together with these blocks (first, last)
+        out.append(m)
+    return out
+
+
+def run_block(stage: Stage, block: Block, state: Any) -> dict[str, Any]:
+    """Process one block alone (a group of one) and describe its output for the completion marker."""
+    return run_group(stage, [block], state)[0]
 
 
 def block_is_done(marker: Path, block: Block) -> dict | None:
@@ -74,12 +93,17 @@ class LocalExecutor:
     def connect(self) -> None:
         """Nothing to start."""
 
-    def run(self, stage: Stage, blocks: list[Block], on_result: OnResult) -> None:
-        if not blocks:
+    def run(self, stage: Stage, groups: list[tuple[list[Block], list[str]]], on_result: OnResult) -> None:
+        """Process ``groups`` ((blocks of a group, see ``Stage.groups``; the names of those to make)) and report
+        each made block's result."""
+        if not groups:
             return
         state = stage.setup({"num_cpus": self.num_threads or os.cpu_count() or 1, "num_gpus": 0})
-        for block in blocks:
-            on_result(block, self._call(stage, f"block {block.name}", run_block, stage, block, state))
+        for group, todo in groups:
+            what = f"block {group[0].name}" if len(group) == 1 else f"blocks {group[0].name}..{group[-1].name}"
+            made = [b for b in group if b.name in set(todo)]
+            for block, result in zip(made, self._call(stage, what, run_group, stage, group, state, todo)):
+                on_result(block, result)
 
     def run_once(self, stage: Stage, what: str, fn, *args) -> Any:
         """A one-off job of ``stage`` (e.g. its finalize): here, in this process."""
@@ -147,15 +171,18 @@ def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float)
     write_json(wd.plan_marker(stage.name), {"blocks": names, "rows": sum(b.size for b in blocks)})
 
     results: dict[str, dict] = {}
-    todo: list[Block] = []
     for b in blocks:
         m = block_is_done(wd.block_marker(stage.name, b.name), b)
-        if m is None:
-            todo.append(b)
-        else:
+        if m is not None:
             results[b.name] = m
     if results:
         log.info("[%s] resuming: %d of %d blocks already done", stage.name, len(results), len(blocks))
+    groups = stage.groups(blocks)
+    if [b.name for g in groups for b in g] != names:
+        raise RuntimeError(f"stage {stage.name}: its groups do not cover its planned blocks in order")
+    todo = [b for b in blocks if b.name not in results]
+    todo_groups = [(g, [b.name for b in g if b.name not in results]) for g in groups
+                   if any(b.name not in results for b in g)]
 
     bar = None
     if progress and todo:
@@ -173,7 +200,7 @@ def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float)
             bar.set_postfix_str(f"blocks {len(results)}/{len(blocks)}", refresh=False)
 
     try:
-        executor.run(stage, todo, on_result)
+        executor.run(stage, todo_groups, on_result)
     finally:
         if bar is not None:
             bar.close()

@@ -18,7 +18,7 @@ from collections import defaultdict, deque
 from typing import Any
 
 from retro_pipeline.errors import RetroError, StageFailed, UserError, require
-from retro_pipeline.executor.base import INFRA_RETRIES, OnResult, run_block, stage_failed
+from retro_pipeline.executor.base import INFRA_RETRIES, OnResult, run_group, stage_failed
 from retro_pipeline.logs import replay, run_capturing_logs
 from retro_pipeline.stage import Block, Stage
 
@@ -234,10 +234,10 @@ class _StageWorker:
         except Exception as e:  # raised from process(), so a RetroError reaches the driver as itself
             self.setup_error = e
 
-    def process(self, block: Block) -> tuple[dict[str, Any], list]:
+    def process(self, blocks: list[Block], todo: list[str]) -> tuple[list[dict[str, Any]], list]:
         if self.setup_error is not None:
             raise self.setup_error
-        return run_capturing_logs(run_block, self.stage, block, self.state)
+        return run_capturing_logs(run_group, self.stage, blocks, self.state, todo)
 
     def pid(self) -> int:
         return os.getpid()
@@ -393,19 +393,21 @@ class RayExecutor:
                 raise self._no_node_error(ray, stage, what, cpus, gpus, memory)
             time.sleep(1.0)
 
-    def run(self, stage: Stage, blocks: list[Block], on_result: OnResult) -> None:
-        if not blocks:
+    def run(self, stage: Stage, groups: list[tuple[list[Block], list[str]]], on_result: OnResult) -> None:
+        """Process ``groups`` ((blocks of a group, see ``Stage.groups``; the names of those to make)) on the
+        pool; report each made block's result."""
+        if not groups:
             return
         ray = ensure_ray(self.address)
         RayError, RayTaskError = _infra_error_types()
 
-        n, cpus, gpus, memory, nodes = self.pool_shape(stage, len(blocks))
+        n, cpus, gpus, memory, nodes = self.pool_shape(stage, len(groups))
         worker_cls = ray.remote(_StageWorker)
         resources = {"num_cpus": cpus, "num_gpus": gpus}
         workers: list[_Worker] = []
         probes: dict[Any, _Worker] = {}  # readiness of starting actors
-        pending: deque[Block] = deque(blocks)
-        inflight: dict[Any, tuple[Block, _Worker]] = {}
+        pending: deque[tuple[list[Block], list[str]]] = deque(groups)
+        inflight: dict[Any, tuple[tuple[list[Block], list[str]], _Worker]] = {}
         infra_failures: dict[str, int] = defaultdict(int)
         lost_actors = 0
 
@@ -447,8 +449,8 @@ class RayExecutor:
             while pending or inflight:
                 for w in workers:
                     while w.ready and pending and w.load < self.inflight_per_worker:
-                        block = pending.popleft()
-                        inflight[w.actor.process.remote(block)] = (block, w)
+                        item = pending.popleft()
+                        inflight[w.actor.process.remote(*item)] = (item, w)
                         w.load += 1
                 ready, _ = ray.wait(list(inflight) + list(probes), num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -462,7 +464,11 @@ class RayExecutor:
                             log.debug("[%s] a worker did not start: %s", stage.name, e)
                             drop(w)
                         continue
-                    block, w = inflight.pop(ref)
+                    item, w = inflight.pop(ref)
+                    group, todo = item
+                    block = group[0]
+                    what = f"block {block.name}" if len(group) == 1 else \
+                        f"blocks {block.name}..{group[-1].name}"
                     w.load -= 1
                     try:
                         result = ray.get(ref)
@@ -471,26 +477,27 @@ class RayExecutor:
                         replay(getattr(cause, "retro_log_records", ()))
                         if isinstance(cause, UserError):
                             raise RetroError(str(cause)) from None
-                        log.debug("[%s] block %s failed:\n%s", stage.name, block.name, e)
-                        raise stage_failed(stage, f"block {block.name}", cause) from None
+                        log.debug("[%s] %s failed:\n%s", stage.name, what, e)
+                        raise stage_failed(stage, what, cause) from None
                     except RayError as e:  # a lost worker, actor or node: the block goes to a live worker
                         infra_failures[block.name] += 1
                         self.stats["retries"] += 1
                         if w in workers:
                             self.stats["lost"] += 1
                             lost_actors += 1
-                            log.warning("[%s] worker lost during block %s (%s); its blocks go to the other "
-                                        "workers", stage.name, block.name, type(e).__name__)
+                            log.warning("[%s] worker lost during %s (%s); its blocks go to the other "
+                                        "workers", stage.name, what, type(e).__name__)
                             drop(w)
                         if infra_failures[block.name] > INFRA_RETRIES:
-                            raise StageFailed(f"[{stage.name}] block {block.name}: its workers kept being lost "
+                            raise StageFailed(f"[{stage.name}] {what}: its workers kept being lost "
                                               f"({type(e).__name__}); {CHECK_CLUSTER}") from None
-                        pending.appendleft(block)
+                        pending.appendleft(item)
                     else:
                         self.stats["blocks"] += 1
-                        result, records = result
+                        results, records = result
                         replay(records)
-                        on_result(block, result)
+                        for b, r in zip([b for b in group if b.name in set(todo)], results):
+                            on_result(b, r)
                 if lost_actors > INFRA_RETRIES * max(1, n):
                     raise StageFailed(f"[{stage.name}] {lost_actors} workers were lost or could not start; "
                                       f"{CHECK_CLUSTER}")
@@ -503,7 +510,8 @@ class RayExecutor:
                 else:
                     no_room_since = no_room_since or now
                     if now - no_room_since > self.node_wait_s:
-                        raise self._no_node_error(ray, stage, f"{len(pending)} blocks left", cpus, gpus, memory)
+                        raise self._no_node_error(ray, stage, f"{sum(len(t) for _, t in pending)} blocks left", cpus, gpus,
+                                                  memory)
         finally:
             for w in list(workers):
                 drop(w)

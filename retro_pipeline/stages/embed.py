@@ -49,11 +49,26 @@ def embedding_state(cfg, resources: dict[str, Any]) -> dict[str, Any]:
             "encoder": load_encoder(cfg, device=device, dtype=cfg.dtype, num_threads=threads)}
 
 
-def embed_rows(cfg, rows: np.ndarray, state) -> np.ndarray:
-    """Embeddings (float32 [n, dim]) of chunk-DB rows."""
-    if len(rows) == 0:
+def embed_texts(cfg, texts: list[str], state) -> np.ndarray:
+    """Embeddings (float32 [n, dim]) of ``texts``, length-sorted as one pool."""
+    if len(texts) == 0:
         return np.zeros((0, state["encoder"].dim), np.float32)
-    return state["encoder"].encode(state["reader"].texts(rows), batch_size=cfg.batch_size)
+    return state["encoder"].encode(texts, batch_size=cfg.batch_size)
+
+
+def pool_groups(blocks: list[Block], pool: int) -> list[list[Block]]:
+    """Consecutive blocks grouped into about ``sum(rows) / pool`` groups of even row counts (a block larger
+    than that is a group of its own): a pure function of the plan and ``pool``."""
+    total = sum(b.size for b in blocks)
+    n_groups = max(1, round(total / max(1, pool)))
+    groups: list[list[Block]] = []
+    acc = 0
+    for b in blocks:
+        if not groups or acc >= len(groups) * total / n_groups:
+            groups.append([])
+        groups[-1].append(b)
+        acc += b.size
+    return groups
 
 
 # How to embed (never changes outputs beyond the device's precision): every stage that embeds chunks shares
@@ -64,6 +79,9 @@ EMBED_OPTIONS = (
     Option("dtype", str, None, "Embedding precision.", changes_output=False, choices=DTYPE_NAMES,
            shown_default="float16 on cuda, float32 on cpu"),
     Option("batch_size", int, 128, "Texts per encoder batch.", changes_output=False, minimum=1),
+    Option("embed_pool", int, 2048, "Chunks a worker embeds as one length-sorted pool: consecutive blocks are "
+           "grouped to about this many (a block larger than that alone), whatever --block-size cuts; larger "
+           "pools pad less, smaller ones spread over more workers.", changes_output=False, minimum=1),
 )
 
 
@@ -81,13 +99,38 @@ class EmbeddingStage(Stage):
     def setup(self, resources: dict[str, Any]):
         return embedding_state(self.cfg, resources)
 
-    def embed_rows(self, rows: np.ndarray, state) -> np.ndarray:
-        return embed_rows(self.cfg, rows, state)
-
     def run_record(self, state) -> dict[str, Any]:
         enc = state["encoder"]
         return {"device": enc.device.type, "dtype": str(enc.compute_dtype).removeprefix("torch."),
-                "batch_size": int(self.cfg.batch_size)}
+                "batch_size": int(self.cfg.batch_size), "embed_pool": int(self.cfg.embed_pool)}
+
+    # ---- blocks in pools: the texts of a group's blocks are embedded as one length-sorted pool, so that a
+    # batch pads little whatever the block size; each block is then written from its share
+    def groups(self, blocks: list[Block]) -> list[list[Block]]:
+        return pool_groups(blocks, self.cfg.embed_pool)
+
+    def texts(self, block: Block, state) -> list[str]:
+        """The texts block ``block`` embeds (any number, in the order :meth:`write` takes them)."""
+        raise NotImplementedError
+
+    def write(self, block: Block, state, emb: np.ndarray) -> dict[str, Any]:
+        """Write block ``block``'s files from the embeddings (float32 [n, dim]) of its :meth:`texts`; return
+        its counts."""
+        raise NotImplementedError
+
+    def process(self, block: Block, state) -> dict[str, Any]:
+        return self.process_group([block], state)[0]
+
+    def process_group(self, blocks: list[Block], state, todo: list[Block] | None = None) -> list[dict[str, Any]]:
+        texts = [self.texts(b, state) for b in blocks]
+        emb = embed_texts(self.cfg, [t for ts in texts for t in ts], state)  # the whole pool, as planned
+        names = None if todo is None else {b.name for b in todo}
+        out, pos = [], 0
+        for b, ts in zip(blocks, texts):
+            if names is None or b.name in names:
+                out.append(self.write(b, state, emb[pos:pos + len(ts)]))
+            pos += len(ts)
+        return out
 
 
 class EmbedSampledStage(EmbeddingStage):
@@ -129,11 +172,13 @@ class EmbedSampledStage(EmbeddingStage):
 
         return model_files(self.cfg.embedder_spec(), "embedder")
 
-    def process(self, block: Block, state) -> dict[str, Any]:
+    def texts(self, block: Block, state) -> list[str]:
         from retro_pipeline.read import WorkdirReader
 
-        rows = WorkdirReader(self.workdir).db_chunks(self.db, block.start, block.end)
-        emb = self.embed_rows(rows, state).astype(self.cfg.embed_dtype, copy=False)
+        return state["reader"].texts(WorkdirReader(self.workdir).db_chunks(self.db, block.start, block.end))
+
+    def write(self, block: Block, state, emb: np.ndarray) -> dict[str, Any]:
+        emb = emb.astype(self.cfg.embed_dtype, copy=False)
         with atomic_path(block.path) as tmp:
             with h5_open_write(tmp) as f:
                 h5_create(f, "data", data=emb)

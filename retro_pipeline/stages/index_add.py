@@ -149,27 +149,42 @@ class IndexAddStage(EmbeddingStage):
                      kept=bool(self.cfg.keep_embeddings) and self.kept_valid())
         return state
 
-    def process(self, block: Block, state) -> dict[str, Any]:
+    def kept_path(self, block: Block, state) -> Path | None:
+        """The block's --keep-embeddings file where it is read back instead of embedding."""
+        kept = self.workdir.embed_dir("train") / Path(block.path).name
+        return kept if state["kept"] and kept.exists() else None
+
+    def fresh_rows(self, block: Block, state) -> tuple[np.ndarray, int, int]:
+        """(block-relative rows to embed: those not in the sampled DB, start and end of the sampled rows the
+        block reuses)."""
+        sampled = state["sampled_rows"]
+        lo, hi = np.searchsorted(sampled, [block.start, block.end])
+        reused = sampled[lo:hi] - block.start
+        return np.setdiff1d(np.arange(block.size), reused, assume_unique=True), int(lo), int(hi)
+
+    def texts(self, block: Block, state) -> list[str]:
+        if self.kept_path(block, state) is not None:
+            return []
+        fresh, _, _ = self.fresh_rows(block, state)
+        return state["reader"].texts(self.reader().db_chunks("train", block.start, block.end)[fresh])
+
+    def write(self, block: Block, state, fresh_emb: np.ndarray) -> dict[str, Any]:
         f = faiss_index.faiss()
         reader = self.reader()
         s, e = block.start, block.end
         kept = self.workdir.embed_dir("train") / Path(block.path).name
-        if state["kept"] and kept.exists():
+        if self.kept_path(block, state) is not None:
             import h5py
 
             with h5py.File(kept, "r") as h:
                 emb = h["data"][...].astype(np.float32)
             n_fresh, n_reused, n_kept = 0, 0, e - s
         else:
-            rows = reader.db_chunks("train", s, e)
-            sampled = state["sampled_rows"]
-            lo, hi = np.searchsorted(sampled, [s, e])
+            fresh, lo, hi = self.fresh_rows(block, state)
             emb = np.empty((e - s, state["index"].d), dtype=np.float32)
-            reused = sampled[lo:hi] - s
             if hi > lo:
-                emb[reused] = reader.embedding_rows("sampled", int(lo), int(hi))
-            fresh = np.setdiff1d(np.arange(e - s), reused, assume_unique=True)
-            emb[fresh] = self.embed_rows(rows[fresh], state)
+                emb[state["sampled_rows"][lo:hi] - s] = reader.embedding_rows("sampled", lo, hi)
+            emb[fresh] = fresh_emb
             n_fresh, n_reused, n_kept = len(fresh), int(hi - lo), 0
             if self.cfg.keep_embeddings:  # encode what is kept, so a block read back later gives the same codes
                 emb16 = emb.astype(np.float16)

@@ -109,15 +109,21 @@ class IndexTrainStage(EmbeddingStage):
         return [self.workdir.index_info_path] + ([self.workdir.empty_index_path(info["index_str"])] if info else [])
 
     # ---- worker side
-    def process(self, block: Block, state) -> dict[str, Any]:
+    def picked(self, block: Block) -> np.ndarray:
+        """The query set: a seeded choice of rows of the block's DB, in row order."""
         from retro_pipeline.read import WorkdirReader
 
-        reader = WorkdirReader(self.workdir)
-        db = block.meta["db"]
-        n = reader.db_num_chunks(db)
-        picked = np.sort(np.random.default_rng([self.cfg.seed, 3]).choice(n, size=block.size, replace=False))
-        rows = reader.db_rows(db, picked)
-        emb = self.embed_rows(rows, state).astype(np.float32, copy=False)
+        n = WorkdirReader(self.workdir).db_num_chunks(block.meta["db"])
+        return np.sort(np.random.default_rng([self.cfg.seed, 3]).choice(n, size=block.size, replace=False))
+
+    def texts(self, block: Block, state) -> list[str]:
+        from retro_pipeline.read import WorkdirReader
+
+        return state["reader"].texts(WorkdirReader(self.workdir).db_rows(block.meta["db"], self.picked(block)))
+
+    def write(self, block: Block, state, emb: np.ndarray) -> dict[str, Any]:
+        db, picked = block.meta["db"], self.picked(block)
+        emb = emb.astype(np.float32, copy=False)
         with atomic_path(block.path) as tmp:
             with h5_open_write(tmp) as f:
                 h5_create(f, "data", data=emb)

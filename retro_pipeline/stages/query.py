@@ -178,16 +178,20 @@ class QueryNeighborsStage(EmbeddingStage):
         faiss_index.faiss().omp_set_num_threads(max(1, int(resources.get("num_cpus") or 1)))
         return state
 
-    def process(self, block: Block, state) -> dict[str, Any]:
+    def texts(self, block: Block, state) -> list[str]:
         ss = self.samples(block.meta["split"])
         L, cl = ss.L, ss.chunk_length
         first, last = block.start // L, -(-block.end // L)  # the samples whose chunks the block holds
         rows = slice(block.start - first * L, block.end - first * L)
         tokens = ss.tokens(first, last)[:, :ss.seq_length].reshape(-1, cl)[rows]
-        n = len(tokens)
-        bounds = np.arange(n + 1, dtype=np.int64) * cl
-        texts = state["reader"].gpt.detokenize_flat(tokens.reshape(-1), bounds)
-        emb = state["encoder"].encode(texts, batch_size=self.cfg.batch_size)
+        bounds = np.arange(len(tokens) + 1, dtype=np.int64) * cl
+        return state["reader"].gpt.detokenize_flat(tokens.reshape(-1), bounds)
+
+    def write(self, block: Block, state, emb: np.ndarray) -> dict[str, Any]:
+        ss = self.samples(block.meta["split"])
+        L = ss.L
+        first, last = block.start // L, -(-block.end // L)
+        n = len(emb)
         index = state["index"]
         kq = min(self.cfg.num_neighbors_query, index.ntotal)
         _, found = index.search(np.ascontiguousarray(emb, dtype=np.float32), kq)  # [n*L, kq], -1 = none
