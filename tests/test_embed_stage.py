@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import h5py
@@ -27,9 +28,11 @@ def given(prefix, gpt, model):
             "block_size": 64, "index_ntrain": "300"}
 
 
-def build(wd, prefix, gpt, model, device=None, **run):
+def build(wd, prefix, gpt, model, device=None, pool=128, **run):
+    """300 sampled chunks in blocks of 64 rows (the last 44), embedded in pools of about ``pool`` rows."""
     return run_stages(str(wd), ["db-build", "embed-sampled"], {**given(prefix, gpt, model), "batch_size": 16,
-                                                               "device": device}, RunOptions(progress=False, **run))
+                                                               "device": device, "embed_pool": pool},
+                      RunOptions(progress=False, **run))
 
 
 @pytest.mark.slow  # Ray actor pools of 1 and 2 workers
@@ -53,40 +56,49 @@ def test_embeddings_match_encoder_and_are_worker_independent(tmp_path, prefix, g
     with h5py.File(tmp_path / "local" / "db" / "merged" / "sampled.hdf5", "r") as f:
         rows = f["chunks"][...]
     texts = [gpt.decode(ds.get(int(d), int(s), int(e - s)).tolist()) for _, d, s, e, _ in rows]
-    want = Encoder.load(tiny_bert_dir, device="cpu").encode(texts, batch_size=7, sort_by_length=False)
+    enc = Encoder.load(tiny_bert_dir, device="cpu")
+    want = enc.encode(texts, batch_size=7, sort_by_length=False)
     np.testing.assert_allclose(local, want, atol=1e-5)
+    # one pool of all 300 (whatever the blocks): bit for bit the encoder over all the texts sorted at once
+    one = build(tmp_path / "pool", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local", pool=300)
+    markers = sorted((tmp_path / "pool" / "markers" / "embed-sampled").glob("[0-9]*.json"))
+    assert one["embed-sampled"]["blocks"] == len(markers) == 5
+    assert all(json.loads(m.read_text())["group"] == ["000-064", "256-300"] for m in markers)
+    assert read_embeddings(str(tmp_path / "pool")).tobytes() == enc.encode(texts, batch_size=16).tobytes()
 
 
-def test_killed_embedding_resumes_without_recomputing(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
+def test_killed_embedding_resumes_by_pool_without_recomputing(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
                                                       monkeypatch):
     from retro_pipeline.stages import embed as embmod
 
-    build(tmp_path / "clean", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local")
-    real = embmod.EmbedSampledStage.process
+    real = embmod.EmbedSampledStage.process_group
     seen = []
 
-    def dying(self, block, state):
-        if len(seen) == 2:
+    def dying(self, blocks, state, todo=None):  # pools of about 128 rows: blocks 000-192 together, then 192-300
+        if seen:
             raise KeyboardInterrupt
-        seen.append(block.name)
-        return real(self, block, state)
+        seen.extend(b.name for b in blocks)
+        return real(self, blocks, state, todo)
 
-    monkeypatch.setattr(embmod.EmbedSampledStage, "process", dying)
+    monkeypatch.setattr(embmod.EmbedSampledStage, "process_group", dying)
     with pytest.raises(KeyboardInterrupt):
-        build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local")
+        build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local", pool=128)
+    assert seen == ["000-064", "064-128", "128-192"]
     done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "w" / "embed" / "sampled").glob("*.hdf5")}
-    assert len(done_before) == 2
+    assert len(done_before) == 3
     recomputed = []
 
-    def counting(self, block, state):
-        recomputed.append(block.name)
-        return real(self, block, state)
+    def counting(self, blocks, state, todo=None):
+        recomputed.extend(b.name for b in blocks)
+        return real(self, blocks, state, todo)
 
-    monkeypatch.setattr(embmod.EmbedSampledStage, "process", counting)
-    out = build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local")
-    assert out["embed-sampled"]["blocks_run"] == 3 and not set(recomputed) & set(seen)
+    monkeypatch.setattr(embmod.EmbedSampledStage, "process_group", counting)
+    out = build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local", pool=128)
+    assert out["embed-sampled"]["blocks_run"] == 2 and recomputed == ["192-256", "256-300"]
     for name, mtime in done_before.items():  # finished blocks untouched
         assert (tmp_path / "w" / "embed" / "sampled" / name).stat().st_mtime_ns == mtime
+    clean = build(tmp_path / "clean", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local", pool=128)
+    assert clean["embed-sampled"]["blocks"] == 5
     assert read_embeddings(str(tmp_path / "w")).tobytes() == read_embeddings(str(tmp_path / "clean")).tobytes()
 
 
@@ -98,23 +110,23 @@ def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_b
     from retro_pipeline.stages.embed import EmbedSampledStage
     from retro_pipeline.workdir import Workdir
 
-    build(tmp_path / "clean", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local")
+    build(tmp_path / "clean", prefix, gpt_tokenizer_path, tiny_bert_dir, executor="local", pool=64)
     run_stages(str(tmp_path / "w"), ["db-build"], given(prefix, gpt_tokenizer_path, tiny_bert_dir),
                RunOptions(progress=False, executor="local"))
     flag = tmp_path / "die-once"
     flag.write_text("")
 
     class DyingStage(EmbedSampledStage):
-        def process(self, block, state):
-            if block.start == 128 and os.path.exists(flag):
+        def process_group(self, blocks, state, todo=None):
+            if blocks[0].start == 128 and os.path.exists(flag):
                 os.unlink(flag)
                 os._exit(1)  # the worker process vanishes mid-block
-            return super().process(block, state)
+            return super().process_group(blocks, state, todo)
 
     from retro_pipeline.config import resolve
 
     wd = Workdir(tmp_path / "w")
-    stage = DyingStage(wd, resolve(wd.stored(), {"batch_size": 16, "device": "cpu"})[0])
+    stage = DyingStage(wd, resolve(wd.stored(), {"batch_size": 16, "device": "cpu", "embed_pool": 64})[0])
     ex = RayExecutor(num_workers=2)
     done = run_stage(stage, ex, progress=False)
     # the dead worker's running block and the one queued behind it are retried; nothing else is

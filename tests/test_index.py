@@ -91,6 +91,7 @@ def prefix(tmp_path_factory, gpt_tokenizer_path, corpus_texts):
 
 def given(prefix, gpt, model, **kw):
     return {"data_path": ["1", prefix], "gpt_tokenizer": gpt, "embedder": model, "chunk_length": 16,
+            "embed_pool": 1,  # each block embedded alone: the resume tests count blocks (pools: test_embed_stage)
             "block_size": 300, "index_ntrain": "400", "split": "90,10,0", "index_str": "IVF8,Flat",
             "batch_size": 32, "device": "cpu", "num_queries": 50, **kw}
 
@@ -167,20 +168,20 @@ def test_interrupted_index_add_resumes_on_ray_byte_identical(tmp_path, prefix, g
     from retro_pipeline.stages import index_add
 
     build(tmp_path / "clean", prefix, gpt_tokenizer_path, tiny_bert_dir)
-    real = index_add.IndexAddStage.process
+    real = index_add.IndexAddStage.process_group
     calls = {"n": 0}
 
-    def dying(self, block, state):
+    def dying(self, blocks, state, todo=None):  # --embed-pool 1: a group is one block
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("disk went away")
-        return real(self, block, state)
+        return real(self, blocks, state, todo)
 
-    monkeypatch.setattr(index_add.IndexAddStage, "process", dying)
+    monkeypatch.setattr(index_add.IndexAddStage, "process_group", dying)
     with pytest.raises(StageFailed, match="disk went away"):
         build(tmp_path / "w", prefix, gpt_tokenizer_path, tiny_bert_dir)
-    monkeypatch.setattr(index_add.IndexAddStage, "process", real)
-    out = run_stages(str(tmp_path / "w"), ["index-add"], {"batch_size": 32, "device": "cpu"},
+    monkeypatch.setattr(index_add.IndexAddStage, "process_group", real)
+    out = run_stages(str(tmp_path / "w"), ["index-add"], {"batch_size": 32, "device": "cpu", "embed_pool": 1},
                      RunOptions(executor="ray", num_workers=2, progress=False))
     done = out["index-add"]
     assert done["blocks_run"] == done["blocks"] - 2  # the two finished blocks were not recomputed
@@ -246,7 +247,7 @@ def _stage_cli(wd, stage, workers, **env):
 
     env = {**env_without_ray_address(), **env}
     cmd = [sys.executable, "-m", "retro_pipeline.cli", stage, "--workdir", str(wd), "--batch-size", "32",
-           "--device", "cpu", "--no-progress"]
+           "--embed-pool", "1", "--device", "cpu", "--no-progress"]  # how the reference embedded
     cmd += ["--executor", "local"] if workers == 0 else ["--num-workers", str(workers)]
     return cmd, env
 
@@ -313,7 +314,7 @@ def test_sigkill_inside_a_one_off_job_then_rerun_on_ray_is_byte_identical(tmp_pa
     if point == "index-train:trained":
         assert not list((wd / "index").rglob("empty_*.faissindex"))
 
-    out = run_stages(str(wd), STAGES[STAGES.index(stage):], {"batch_size": 32, "device": "cpu"},
+    out = run_stages(str(wd), STAGES[STAGES.index(stage):], {"batch_size": 32, "device": "cpu", "embed_pool": 1},
                      RunOptions(executor="ray", num_workers=2, progress=False))
     assert out[stage]["blocks_run"] == 0  # no finished block recomputed
     assert index_files(wd) == index_files(reference)

@@ -49,6 +49,13 @@ def n_blocks(wd, stage):
     return len(json.loads((wd / "markers" / stage / "_plan.json").read_text())["blocks"])
 
 
+def group_size(wd, stage):
+    """Blocks in the (first) group the stage's markers record; 1 where blocks were processed alone."""
+    markers = [json.loads(p.read_text()) for p in sorted((wd / "markers" / stage).glob("[!_]*.json"))]
+    first = markers[0].get("group")
+    return sum(m.get("group") == first for m in markers) if first else 1
+
+
 def test_every_block_recomputes_identically_and_one_flipped_byte_is_named_alone(built):
     before = files(built)
     # built with --batch-size 32: verify embeds as its markers record (the default 128 gives other float bits)
@@ -83,16 +90,18 @@ def test_a_seeded_share_of_at_least_one_block_and_no_scratch_left_on_ctrl_c(buil
         list(range(40))
     r = invoke("--workdir", built, "--fraction", 0.001, "--seed", 7, "--batch-size", 32, "--no-progress")
     assert r.exit_code == 0, (r.output, r.exception)
+    # one block picked per stage; the embedding stages recompute its whole pool (the blocks embedded together)
     assert [ln.split(" blocks")[0] for ln in r.stdout.splitlines()] == \
-        [f"{s}: 1 of {n_blocks(built, s)}" for s in STAGES]
+        [f"{s}: {group_size(built, s)} of {n_blocks(built, s)}" for s in STAGES]
+    assert group_size(built, "db-build") == 1 and group_size(built, "index-add") == n_blocks(built, "index-add") > 1
 
     from retro_pipeline.stages.index_add import IndexAddStage
 
-    def interrupted(self, block, state):
+    def interrupted(self, blocks, state, todo=None):
         assert list(built.glob(".verify-*"))  # the scratch directory exists while blocks are recomputed
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(IndexAddStage, "process", interrupted)
+    monkeypatch.setattr(IndexAddStage, "process_group", interrupted)
     with pytest.raises(KeyboardInterrupt):
         verify(built, fraction=0.5, given={"batch_size": 32})
     assert not list(built.glob(".verify-*"))
