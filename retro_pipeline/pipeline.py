@@ -96,9 +96,9 @@ def open_workdir(wd: Workdir, given: dict[str, Any], force: bool = False, redo=(
     old_fps = wd.stored_fingerprints()
     changed_fp = [s for s in stage_order() if s in locked and old_fps is not None
                   and old_fps.get(s) not in (None, fps[s])]
-    read_changed = {s: f for s, f in reading(wd, cfg, dict(changed_inputs(stored.get("inputs") or {}))).items()
-                    if s in locked}
-    changed = [(f, what) for f, what in changed_inputs(stored.get("inputs") or {}) if f in read_changed.values()]
+    every_changed = changed_inputs(stored.get("inputs") or {})  # records of stages that made nothing don't count
+    read_changed = {s: f for s, f in reading(wd, cfg, dict(every_changed)).items() if s in locked}
+    changed = [(f, what) for f, what in every_changed if f in read_changed.values()]
     why = _why_stale(cfg, conflicts, changed_fp, read_changed, dict(changed))
     if not force:
         check_inputs(changed, wd.root)
