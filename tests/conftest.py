@@ -13,8 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 pytest.register_assert_rewrite("helpers")  # before its import: its asserts explain themselves as the tests' do
 
-# the helpers the test modules share are in helpers.py (free_port and script are also imported from here)
-from helpers import free_port, script, write_corpus  # noqa: E402,F401
+# the helpers the test modules share are in helpers.py
+from helpers import write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from helpers import BUILD_OPTIONS as OPTIONS  # test_lost_node.py imports OPTIONS, cli_args, STAGES, blocks_done,
-from helpers import STAGES, blocks_done, build_corpus, env_without_ray_address, outputs  # outputs from here
+from helpers import BUILD_OPTIONS as OPTIONS
+from helpers import STAGES, blocks_done, build_corpus, env_without_ray_address, outputs
 from helpers import build_cli_args as cli_args
 from retro_pipeline.config import RunOptions
 from retro_pipeline.pipeline import run_stages

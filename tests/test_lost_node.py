@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from dbutil import random_size_corpus
 from retro_pipeline.config import RunOptions
 from retro_pipeline.pipeline import run_stages
 from retro_pipeline.tokenizers import load_gpt_tokenizer
-from test_build_kill import OPTIONS, STAGES, blocks_done, cli_args, outputs
+from helpers import BUILD_OPTIONS, STAGES, blocks_done, build_cli_args, build_corpus, outputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -103,11 +102,10 @@ def wait_for(cond, proc, seconds: float, what: str):
 @pytest.mark.parametrize("spare", [False, True], ids=["survivors-full", "room-to-spare"])
 def test_nodes_lost_during_blocks_and_a_merge_cost_only_time(tmp_path, sim_cluster, gpt_tokenizer_path,
                                                              tiny_bert_dir, corpus_texts, spare):
-    prefix = random_size_corpus(tmp_path / "corpus", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts, 7,
-                                [5, 20, 40, 90, 150], 500)
+    prefix = build_corpus(tmp_path / "corpus", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts)
     ref = tmp_path / "ref"
     done = run_stages(str(ref), STAGES, {"data_path": ["1", prefix], "gpt_tokenizer": gpt_tokenizer_path,
-                                         "embedder": tiny_bert_dir, **OPTIONS},
+                                         "embedder": tiny_bert_dir, **BUILD_OPTIONS},
                       RunOptions(executor="local", progress=False))
     assert done["index-add"]["blocks"] >= 4 and done["query-neighbors"]["blocks"] >= 4, done
 
@@ -119,7 +117,7 @@ def test_nodes_lost_during_blocks_and_a_merge_cost_only_time(tmp_path, sim_clust
     cluster = sim_cluster(3, env)
     wd = tmp_path / "w"
     # survivors full: a pool that fills the cluster (3 workers on 3 nodes); room to spare: 2 workers on 3 nodes
-    args = cli_args(wd, prefix, gpt_tokenizer_path, tiny_bert_dir, 2 if spare else 0)
+    args = build_cli_args(wd, prefix, gpt_tokenizer_path, tiny_bert_dir, 2 if spare else 0)
     args = [a for a in args if a not in ("--executor", "local")] + ["--address", cluster.address]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

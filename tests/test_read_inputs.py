@@ -22,7 +22,6 @@ from retro_pipeline.errors import RetroError
 from retro_pipeline.pipeline import run_stages, status
 from retro_pipeline.tokenizers import load_gpt_tokenizer
 
-pytest.importorskip("faiss")
 STAGES = ["db-build", "embed-sampled", "index-train", "index-add", "query-neighbors"]
 
 

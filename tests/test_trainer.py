@@ -301,6 +301,7 @@ def test_resume_refuses_changed_training_data_and_tokenizer_files(tmp_path, tiny
 RTOL = 1e-4  # per-step losses of 2 workers vs 1, same global batch (measured ~1e-7)
 
 
+@pytest.mark.slow  # two Ray Train runs (12-16 s)
 def test_two_ray_workers_match_one(tmp_path, tiny_bert_dir, pairs_file, ray_session):
     import ray.cloudpickle
 
@@ -397,7 +398,7 @@ def test_train_unreachable_address_fails_fast(tmp_path, tiny_bert_dir, pairs_fil
     import subprocess
     import time
 
-    from conftest import free_port
+    from helpers import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
