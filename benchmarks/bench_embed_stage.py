@@ -57,11 +57,12 @@ def floor(texts: list[str], batch_size: int, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--block-sizes", default="70,250,100000")
-    ap.add_argument("--max-docs", type=int, default=120, help="documents of the corpus (docs + sources)")
+    ap.add_argument("--max-docs", type=int, default=770, help="documents of the corpus (docs, then sources)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--embed-pool", type=int, default=None, help="the build's --embed-pool (default: its own)")
     ap.add_argument("--index-str", default="IVF64,PQ16")
+    ap.add_argument("--index-ntrain", default="1500", help="chunks embed-sampled embeds (index-add the rest)")
     ap.add_argument("--repeats", type=int, default=1, help="floor timings per stage (median)")
     args = ap.parse_args()
 
@@ -80,7 +81,7 @@ def main() -> None:
         wd = Workdir(os.path.join(tmp, f"w{bs}"))
         given = {"data_path": ["1", prefix], "gpt_tokenizer": "gpt2", "block_size": bs, "index_str": args.index_str,
                  "device": "cpu", "batch_size": args.batch_size, "seq_length": 512, "global_batch_size": 8,
-                 "eval_iters": 1}
+                 "split": "90,10,0", "eval_iters": 1, "index_ntrain": args.index_ntrain}
         if args.embed_pool:
             given["embed_pool"] = args.embed_pool
         t0 = time.perf_counter()
@@ -89,6 +90,9 @@ def main() -> None:
         for name in EMBEDDING:
             done = read_json(wd.done_marker(name))
             texts = stage_texts(wd, name)
+            if not texts:
+                print(f"block {bs:>6} rows  {name:16s} embedded nothing (every chunk reused)", flush=True)
+                continue
             rate = len(texts) / done["seconds"]
             base = floor(texts, args.batch_size, args.repeats)
             rows.append((bs, name, done["blocks"], len(texts), done["seconds"], rate, base, rate / base))
