@@ -247,6 +247,17 @@ def _one_off(fn, *args):
     return run_capturing_logs(fn, *args)
 
 
+def _code_error(stage: Stage, what: str, e) -> Exception:
+    """The error to raise for stage code that raised on a worker (a RayTaskError): a user error as itself
+    (one line), anything else as StageFailed; the worker's log records before it are replayed first."""
+    cause = e.cause if getattr(e, "cause", None) is not None else e
+    replay(getattr(cause, "retro_log_records", ()))
+    if isinstance(cause, UserError):
+        return RetroError(str(cause))
+    log.debug("[%s] %s failed:\n%s", stage.name, what, e)
+    return stage_failed(stage, what, cause)
+
+
 # Seen on a simulated cluster: a driver that sends a token (RAY_AUTH_MODE=token, set where this machine has
 # ~/.ray/auth_token) to a cluster that checks none has every actor it starts cancelled at once.
 CHECK_CLUSTER = ("check the Ray cluster ('ray status', the raylet logs); a cluster started without token "
@@ -367,12 +378,7 @@ class RayExecutor:
             try:
                 result, records = ray.get(ref)
             except RayTaskError as e:
-                cause = e.cause if getattr(e, "cause", None) is not None else e
-                replay(getattr(cause, "retro_log_records", ()))
-                if isinstance(cause, UserError):
-                    raise RetroError(str(cause)) from None
-                log.debug("[%s] %s failed:\n%s", stage.name, what, e)
-                raise stage_failed(stage, what, cause) from None
+                raise _code_error(stage, what, e) from None
             except RayError as e:  # a lost worker or node, or cancelled for a new shape: run it again
                 lost += 1
                 self.stats["lost"] += 1
@@ -473,12 +479,7 @@ class RayExecutor:
                     try:
                         result = ray.get(ref)
                     except RayTaskError as e:
-                        cause = e.cause if getattr(e, "cause", None) is not None else e
-                        replay(getattr(cause, "retro_log_records", ()))
-                        if isinstance(cause, UserError):
-                            raise RetroError(str(cause)) from None
-                        log.debug("[%s] %s failed:\n%s", stage.name, what, e)
-                        raise stage_failed(stage, what, cause) from None
+                        raise _code_error(stage, what, e) from None
                     except RayError as e:  # a lost worker, actor or node: the block goes to a live worker
                         infra_failures[block.name] += 1
                         self.stats["retries"] += 1
