@@ -38,7 +38,7 @@ def stage_texts(wd, name: str) -> list[str]:
     return [t for b in stage.plan() for t in stage.texts(b, state)]
 
 
-def floor(texts: list[str], batch_size: int, repeats: int) -> float:
+def floor(texts: list[str], batch_size: int | None, repeats: int) -> float:
     """chunks/s of the encoder over ``texts`` sorted at once (median of ``repeats``), every CPU."""
     from retro_pipeline.config import resolve
     from retro_pipeline.stages.embed import load_encoder
@@ -59,7 +59,8 @@ def main() -> None:
     ap.add_argument("--block-sizes", default="70,250,100000")
     ap.add_argument("--max-docs", type=int, default=770, help="documents of the corpus (docs, then sources)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=None, help="the build's and the floor's --batch-size (default: "
+                    "the encoder's own batching, by padded tokens)")
     ap.add_argument("--embed-pool", type=int, default=None, help="the build's --embed-pool (default: its own)")
     ap.add_argument("--index-str", default="IVF64,PQ16")
     ap.add_argument("--index-ntrain", default="1500", help="chunks embed-sampled embeds (index-add the rest)")
@@ -80,10 +81,12 @@ def main() -> None:
     for bs in [int(x) for x in args.block_sizes.split(",")]:
         wd = Workdir(os.path.join(tmp, f"w{bs}"))
         given = {"data_path": ["1", prefix], "gpt_tokenizer": "gpt2", "block_size": bs, "index_str": args.index_str,
-                 "device": "cpu", "batch_size": args.batch_size, "seq_length": 512, "global_batch_size": 8,
+                 "device": "cpu", "seq_length": 512, "global_batch_size": 8,
                  "split": "90,10,0", "eval_iters": 1, "index_ntrain": args.index_ntrain}
         if args.embed_pool:
             given["embed_pool"] = args.embed_pool
+        if args.batch_size:
+            given["batch_size"] = args.batch_size
         t0 = time.perf_counter()
         run_stages(wd, STAGES, given, RunOptions(num_workers=args.workers, progress=False))
         build_s = time.perf_counter() - t0

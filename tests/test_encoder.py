@@ -134,6 +134,24 @@ def test_batching_and_order_do_not_change_results(tiny_dir):
     np.testing.assert_allclose(rev[::-1], base, rtol=0, atol=1e-6)
 
 
+def test_batches_pad_little_and_hold_one_width(minilm):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, minilm.max_length + 1, 500)
+    for batch_size, batch_tokens in ((None, None), (7, None), (None, 300), (3, 50)):
+        batches = minilm.plan_batches(lengths, batch_size, batch_tokens)
+        rows = np.concatenate([r for r, _ in batches])
+        assert sorted(rows.tolist()) == list(range(500))  # every row once
+        budget = batch_tokens or minilm.default_batch_tokens()
+        for r, width in batches:
+            want = [min(-(-int(x) // 8) * 8, minilm.max_length) for x in lengths[r]]
+            assert set(want) == {width}  # one width, the row's own length rounded up to a multiple of 8
+            assert len(r) == 1 or len(r) * width <= budget
+            assert batch_size is None or len(r) <= batch_size
+        widths = [w for _, w in batches]
+        assert widths == sorted(widths, reverse=True)
+    assert minilm.default_batch_tokens() == 1024
+
+
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_encode_ids_is_encode(tiny_dir, pooling):
     enc = Encoder.load(tiny_dir, pooling=pooling, device="cpu")
@@ -155,6 +173,8 @@ def test_edge_inputs(tiny_dir):
         Encoder.load(os.path.join(tiny_dir, "missing"), device="cpu")
     with pytest.raises(UserError, match="batch_size"):
         enc.encode(["a"], batch_size=0)
+    with pytest.raises(UserError, match="batch_tokens"):
+        enc.encode(["a"], batch_tokens=0)
     with pytest.raises(UserError, match="dtype"):
         Encoder.load(tiny_dir, device="cpu", dtype="float8")
 

@@ -22,7 +22,8 @@ from retro_pipeline.verify import pick, verify
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, gpt_tokenizer_path, tiny_bert_dir, corpus_texts):
-    """A finished build of 400 short documents: 13, 4, 1, 4 and 5 blocks; kept embeddings on."""
+    """A finished build of 400 short documents: 13, 4, 1, 4 and 5 blocks; kept embeddings on; pools of up to
+    2048 chunks (index-add's blocks are one pool)."""
     tmp = tmp_path_factory.mktemp("verify")
     gpt = load_gpt_tokenizer(gpt_tokenizer_path)
     stream, rng = np.concatenate(gpt.encode_batch(corpus_texts[:40])), np.random.default_rng(0)
@@ -31,7 +32,7 @@ def built(tmp_path_factory, gpt_tokenizer_path, tiny_bert_dir, corpus_texts):
     write_indexed_dataset(str(tmp / "c"), docs, np.uint16)
     given = {"data_path": ["1", str(tmp / "c")], "gpt_tokenizer": gpt_tokenizer_path, "embedder": tiny_bert_dir,
              "chunk_length": 16, "seq_length": 64, "split": "80,10,10", "index_str": "Flat", "batch_size": 32,
-             "device": "cpu", "num_neighbors_save": 5, "num_queries": 20, "keep_embeddings": True,
+             "embed_pool": 2048, "device": "cpu", "num_neighbors_save": 5, "num_queries": 20, "keep_embeddings": True,
              "global_batch_size": 4, "eval_iters": 4}
     run_stages(str(tmp / "w"), STAGES, given, RunOptions(executor="local", progress=False))
     return tmp / "w"
@@ -58,7 +59,7 @@ def group_size(wd, stage):
 
 def test_every_block_recomputes_identically_and_one_flipped_byte_is_named_alone(built):
     before = files(built)
-    # built with --batch-size 32: verify embeds as its markers record (the default 128 gives other float bits)
+    # built with --batch-size 32: verify embeds as its markers record (no cap gives other float bits)
     r = invoke("--workdir", built, "--fraction", 1, "--no-progress")
     assert r.exit_code == 0, (r.output, r.exception)
     assert r.stdout.splitlines() == [f"{s}: {n_blocks(built, s)} of {n_blocks(built, s)} blocks recomputed, all "

@@ -53,7 +53,7 @@ def embed_texts(cfg, texts: list[str], state) -> np.ndarray:
     """Embeddings (float32 [n, dim]) of ``texts``, length-sorted as one pool."""
     if len(texts) == 0:
         return np.zeros((0, state["encoder"].dim), np.float32)
-    return state["encoder"].encode(texts, batch_size=cfg.batch_size)
+    return state["encoder"].encode(texts, batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens)
 
 
 def pool_groups(blocks: list[Block], pool: int) -> list[list[Block]]:
@@ -78,10 +78,15 @@ EMBED_OPTIONS = (
            shown_default="cuda when present"),
     Option("dtype", str, None, "Embedding precision.", changes_output=False, choices=DTYPE_NAMES,
            shown_default="float16 on cuda, float32 on cpu"),
-    Option("batch_size", int, 128, "Texts per encoder batch.", changes_output=False, minimum=1),
-    Option("embed_pool", int, 2048, "Chunks a worker embeds as one length-sorted pool: consecutive blocks are "
+    Option("batch_tokens", int, None, "Padded tokens per encoder batch (texts are padded to a multiple of 8 of "
+           "their own length and batched by that width).", changes_output=False, minimum=1,
+           shown_default="1024 on cpu, 32768 on cuda"),
+    Option("batch_size", int, None, "At most this many texts per encoder batch.", changes_output=False,
+           minimum=1, shown_default="no cap: --batch-tokens decides"),
+    Option("embed_pool", int, 256, "Chunks a worker embeds as one length-sorted pool: consecutive blocks are "
            "grouped to about this many (a block larger than that alone), whatever --block-size cuts; larger "
-           "pools pad less, smaller ones spread over more workers.", changes_output=False, minimum=1),
+           "pools fill batches of one width better, smaller ones spread over more workers.",
+           changes_output=False, minimum=1),
 )
 
 
@@ -102,7 +107,8 @@ class EmbeddingStage(Stage):
     def run_record(self, state) -> dict[str, Any]:
         enc = state["encoder"]
         return {"device": enc.device.type, "dtype": str(enc.compute_dtype).removeprefix("torch."),
-                "batch_size": int(self.cfg.batch_size), "embed_pool": int(self.cfg.embed_pool)}
+                "batch_tokens": int(self.cfg.batch_tokens or enc.default_batch_tokens()),
+                "batch_size": self.cfg.batch_size, "embed_pool": int(self.cfg.embed_pool)}
 
     # ---- blocks in pools: the texts of a group's blocks are embedded as one length-sorted pool, so that a
     # batch pads little whatever the block size; each block is then written from its share
