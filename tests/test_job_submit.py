@@ -111,9 +111,9 @@ def test_ray_job_submit_builds_what_a_local_build_does(tmp_path, job_cluster, gp
                            capture_output=True)
     assert job.returncode == 0, out[-4000:]
     assert "succeeded" in out and "query-neighbors: done" in out and "chunks embedded:" in out, out[-4000:]
-    # the stage workers were actors of this cluster, not of a Ray the job started for itself
+    # the stage workers ran as tasks of this cluster, not of a Ray the job started for itself
     logs = Path(temp, "session_latest", "logs")
-    assert any("_StageWorker" in p.read_text(errors="replace") for p in logs.glob("worker-*.out")), "no actor here"
+    assert any("_task_process" in p.read_text(errors="replace") for p in logs.glob("worker-*.out")), "no worker here"
     mine, theirs = outputs(wd), outputs(ref)
     assert sorted(mine) == sorted(theirs) and any(k.startswith("query/") for k in mine)
     for k in theirs:

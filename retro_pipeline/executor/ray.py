@@ -1,7 +1,10 @@
-"""The Ray executor: the same stage code on a pool of Ray actors, locally or on a cluster.
+"""The Ray executor: the same stage code on a pool of Ray workers, locally or on a cluster.
 
-Each actor builds the stage's worker state once (``Stage.setup``: tokenizers, a model) and then processes
-blocks. The driver keeps every actor busy with up to two blocks (one running, one queued), writes a
+Pools without GPUs run each group of blocks as a Ray task; Ray hands tasks to idle worker processes it keeps,
+and each process builds the stage's worker state (``Stage.setup``: tokenizers, a model, an index) once per
+stage run, so the imports (torch, transformers) are paid once per process for the whole build, not once per
+stage. Pools with GPUs are actors that build their state once (a reused process would keep the CUDA device it
+started on). The driver keeps every worker busy with up to two groups (one running, one queued), writes a
 block's completion marker when its result comes back, and retries blocks whose worker or node was lost.
 A :class:`~retro_pipeline.errors.RetroError` raised by stage code (bad input data) stops the run at once.
 """
@@ -14,6 +17,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections import defaultdict, deque
 from typing import Any
 
@@ -46,7 +50,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, object_s
                           "logging_level": "warning"}
     with _keep_sigterm_handler():
         if not address:  # "local": never attach to whatever cluster this machine last ran
-            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, **kw)
+            # idle worker processes are kept a minute (Ray's default: a second) so that the next stage's tasks
+            # find them with torch and transformers imported (see _task_process)
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+                     _system_config={"idle_worker_killing_time_threshold_ms": 60_000}, **kw)
         else:
             try:
                 ray.init(address=address, **kw)
@@ -220,13 +227,23 @@ def node_slots(ray, cpus: float, gpus: float, max_per_node: int) -> list[str]:
     return slots
 
 
+def _worker_env(resources: dict[str, Any]) -> int:
+    """Thread pools of a worker process sized to the CPUs its work holds; returns that count."""
+    ncpu = max(1, int(resources.get("num_cpus") or 1))
+    os.environ.setdefault("RAYON_RS_NUM_CPUS", str(ncpu))  # Rust tokenizers' thread pool (fixed at first use)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(ncpu))
+    if "torch" in sys.modules:  # a reused process may have run a whole-node job before
+        sys.modules["torch"].set_num_threads(ncpu)
+    if "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(ncpu)
+    return ncpu
+
+
 class _StageWorker:
-    """The body of one Ray actor: stage state built once, then one block per call."""
+    """The body of one Ray actor (pools that hold GPUs): stage state built once, then one group per call."""
 
     def __init__(self, stage: Stage, resources: dict[str, Any]):
-        ncpu = max(1, int(resources.get("num_cpus") or 1))
-        os.environ.setdefault("RAYON_RS_NUM_CPUS", str(ncpu))  # Rust tokenizers' thread pool
-        os.environ.setdefault("RAYON_NUM_THREADS", str(ncpu))
+        _worker_env(resources)
         self.stage = stage
         self.setup_error: BaseException | None = None
         try:
@@ -241,6 +258,23 @@ class _StageWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+# This worker process's state for the stage run it served last (pools without GPUs run groups as Ray tasks).
+_TASK_STATE: dict[str, Any] = {}
+
+
+def _task_process(stage: Stage, blocks: list[Block], todo: list[str], resources: dict[str, Any],
+                  run_key: str) -> tuple[list[dict[str, Any]], list]:
+    """One group as a Ray task. Ray keeps idle worker processes and hands them the next tasks, so the stage's
+    state (``Stage.setup``: the model, an index) is built once per process and stage run, and the imports
+    (torch, transformers: seconds) once per process for the whole build, not once per stage."""
+    _worker_env(resources)
+    if _TASK_STATE.get("key") != run_key:
+        _TASK_STATE.clear()  # the previous stage's model and index go first
+        state = stage.setup(resources)
+        _TASK_STATE.update(key=run_key, state=state)
+    return run_capturing_logs(run_group, stage, blocks, _TASK_STATE["state"], todo)
 
 
 def _one_off(fn, *args):
@@ -265,12 +299,12 @@ CHECK_CLUSTER = ("check the Ray cluster ('ray status', the raylet logs); a clust
 
 
 class _Worker:
-    """One actor of the pool as the driver tracks it."""
+    """One worker of the pool as the driver tracks it: an actor, or (``actor`` None) a slot for tasks."""
 
     def __init__(self, actor, node: str | None):
         self.actor = actor
         self.node = node  # the node it was asked to run on (stages with max_per_node), else None
-        self.ready = False
+        self.ready = actor is None  # a task slot has nothing to start
         self.load = 0
 
 
@@ -408,8 +442,18 @@ class RayExecutor:
         RayError, RayTaskError = _infra_error_types()
 
         n, cpus, gpus, memory, nodes = self.pool_shape(stage, len(groups))
-        worker_cls = ray.remote(_StageWorker)
         resources = {"num_cpus": cpus, "num_gpus": gpus}
+        # Pools without GPUs run groups as tasks (Ray reuses their processes: imports and model once per build);
+        # pools with GPUs as actors (a reused process keeps the CUDA device it started on, whatever GPU Ray
+        # assigns its next task).
+        as_tasks = not gpus
+        worker_cls = None if as_tasks else ray.remote(_StageWorker)
+        task = ray.remote(max_calls=0)(_task_process) if as_tasks else None
+        stage_ref = ray.put(stage) if as_tasks else None
+        run_key = f"{stage.name}:{uuid.uuid4().hex}"
+        # an actor runs one group at a time and queues the next; a task slot of a stage that caps its workers
+        # per node holds one task, so that no more than the cap run on a node
+        per_worker = 1 if as_tasks and stage.resources.max_per_node else self.inflight_per_worker
         workers: list[_Worker] = []
         probes: dict[Any, _Worker] = {}  # readiness of starting actors
         pending: deque[tuple[list[Block], list[str]]] = deque(groups)
@@ -418,17 +462,28 @@ class RayExecutor:
         lost_actors = 0
 
         def start(node: str | None) -> None:
+            if as_tasks:
+                workers.append(_Worker(None, node))
+                return
             actor = worker_cls.options(max_restarts=0, max_concurrency=1,
                                        **self._options(cpus, gpus, memory, node)).remote(stage, resources)
             w = _Worker(actor, node)
             workers.append(w)
             probes[actor.pid.remote()] = w
 
+        def submit(item: tuple[list[Block], list[str]], w: _Worker):
+            if as_tasks:
+                return task.options(max_retries=0, retry_exceptions=False,
+                                    **self._options(cpus, gpus, memory, w.node)).remote(stage_ref, *item, resources,
+                                                                                         run_key)
+            return w.actor.process.remote(*item)
+
         def drop(w: _Worker) -> None:
             if w in workers:
                 workers.remove(w)
-                with contextlib.suppress(Exception):
-                    ray.kill(w.actor)
+                if w.actor is not None:
+                    with contextlib.suppress(Exception):
+                        ray.kill(w.actor)
 
         def resize() -> None:
             """Start actors up to what the cluster holds now (and the work left); stop starting ones beyond."""
@@ -454,9 +509,9 @@ class RayExecutor:
         try:
             while pending or inflight:
                 for w in workers:
-                    while w.ready and pending and w.load < self.inflight_per_worker:
+                    while w.ready and pending and w.load < per_worker:
                         item = pending.popleft()
-                        inflight[w.actor.process.remote(*item)] = (item, w)
+                        inflight[submit(item, w)] = (item, w)
                         w.load += 1
                 ready, _ = ray.wait(list(inflight) + list(probes), num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -506,7 +561,7 @@ class RayExecutor:
                 if now - last_resize > 2.0 or not any(w.ready for w in workers):
                     last_resize = now
                     resize()
-                if any(w.ready for w in workers) or self._feasible(ray, cpus, gpus, memory):
+                if (not as_tasks and any(w.ready for w in workers)) or self._feasible(ray, cpus, gpus, memory):
                     no_room_since = None
                 else:
                     no_room_since = no_room_since or now
@@ -514,5 +569,9 @@ class RayExecutor:
                         raise self._no_node_error(ray, stage, f"{sum(len(t) for _, t in pending)} blocks left", cpus, gpus,
                                                   memory)
         finally:
+            if as_tasks:  # stopped early (an error, Ctrl-C): no task of this run goes on writing
+                for ref in inflight:
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref, force=True)
             for w in list(workers):
                 drop(w)
