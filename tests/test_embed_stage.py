@@ -102,8 +102,9 @@ def test_killed_embedding_resumes_by_pool_without_recomputing(tmp_path, prefix, 
     assert read_embeddings(str(tmp_path / "w")).tobytes() == read_embeddings(str(tmp_path / "clean")).tobytes()
 
 
-@pytest.mark.slow  # a Ray actor pool with a worker that dies
-def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir, ray_session):
+@pytest.mark.slow  # a Ray pool with a worker that dies
+@pytest.mark.parametrize("actors", [False, True], ids=["tasks", "actors"])  # CPU pools, GPU pools' path
+def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir, ray_session, actors):
     """A worker process that dies mid-block costs only that block: it is retried, the output is unchanged."""
     from retro_pipeline.executor.base import run_stage
     from retro_pipeline.executor.ray import RayExecutor
@@ -127,7 +128,7 @@ def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_b
 
     wd = Workdir(tmp_path / "w")
     stage = DyingStage(wd, resolve(wd.stored(), {"batch_size": 16, "device": "cpu", "embed_pool": 64})[0])
-    ex = RayExecutor(num_workers=2)
+    ex = RayExecutor(num_workers=2, actors=actors)
     done = run_stage(stage, ex, progress=False)
     # the dead worker's running block and the one queued behind it are retried; nothing else is
     assert 1 <= ex.stats["lost"] <= 2 and ex.stats["blocks"] == 5 and done["blocks_run"] == 5

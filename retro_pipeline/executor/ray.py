@@ -325,8 +325,9 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None = None, num_workers: int | None = None, inflight_per_worker: int = 2,
-                 node_wait_s: float | None = None):
+                 node_wait_s: float | None = None, actors: bool | None = None):
         self.address = address
+        self.actors = actors  # pools as actors (True) or tasks (False); None: actors where they hold GPUs
         self.num_workers = num_workers
         self.inflight_per_worker = inflight_per_worker
         self.node_wait_s = float(os.environ.get("RETRO_PIPELINE_NODE_WAIT_S", 120)) if node_wait_s is None \
@@ -446,7 +447,7 @@ class RayExecutor:
         # Pools without GPUs run groups as tasks (Ray reuses their processes: imports and model once per build);
         # pools with GPUs as actors (a reused process keeps the CUDA device it started on, whatever GPU Ray
         # assigns its next task).
-        as_tasks = not gpus
+        as_tasks = not gpus if self.actors is None else not self.actors
         worker_cls = None if as_tasks else ray.remote(_StageWorker)
         task = ray.remote(max_calls=0)(_task_process) if as_tasks else None
         stage_ref = ray.put(stage) if as_tasks else None
