@@ -1,8 +1,10 @@
 """Embedding throughput: ``embedder.Encoder.encode`` (the pipeline's path) against a plain transformers loop.
 
-Both paths run the same model, tokenizer, pooling, batch size, device and dtype on the same texts: pieces of
-Python's own documentation (``pydoc_data.topics``), about the size of RETRO chunks (64 GPT-2 tokens, ~250
-characters). Two sets are timed:
+Both paths run the same model, tokenizer, pooling, device and dtype on the same texts: pieces of Python's own
+documentation (``pydoc_data.topics``), about the size of RETRO chunks (64 GPT-2 tokens, ~250 characters). The
+plain loop takes ``--batch-size`` texts a batch; the Encoder takes at most that many and batches by its own
+rule (one padded width a batch, its default token budget: 1024 padded tokens on CPU, 32768 on CUDA).
+Two sets are timed:
 
 - mixed: pieces of 20..400 characters (seeded RNG), where sorting by length cuts padding;
 - uniform: pieces of exactly 62 + 2 tokens in the model's tokenizer, where sorting cannot help (this measures
