@@ -2,7 +2,8 @@
 
 For each ``--block-sizes`` value, a real build (every stage, Ray workers, CPU) runs on the same corpus, and each
 stage that embeds (embed-sampled, index-add, query-neighbors) is timed from its done marker: chunks it embedded
-over the stage's whole time (worker start-up, reading texts, faiss work and writes included). The floor: the
+over the stage's whole time (worker start-up, reading texts, faiss work and writes included); each build starts
+its own Ray, as a command does. The floor: the
 same encoder in this process, with every CPU, embedding the same texts (each stage's, gathered through the
 stage's own ``texts``) sorted by length all at once. Printed per stage and block size: chunks/s of both and
 their ratio (stage / floor; the issue asks >= 0.95). The corpus is Python's documentation and standard-library
@@ -90,6 +91,9 @@ def main() -> None:
         t0 = time.perf_counter()
         run_stages(wd, STAGES, given, RunOptions(num_workers=args.workers, progress=False))
         build_s = time.perf_counter() - t0
+        import ray
+
+        ray.shutdown()  # each build starts its own Ray (cold worker processes, as a command does); floors run alone
         for name in EMBEDDING:
             done = read_json(wd.done_marker(name))
             texts = stage_texts(wd, name)
