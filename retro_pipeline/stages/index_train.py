@@ -38,7 +38,8 @@ class IndexTrainStage(EmbeddingStage):
     needs = ("embed-sampled",)
     group = "index-build"
     unit = "queries"
-    resources = Resources(cpus=1, gpus=1)  # the query block: embedding
+    # the query block, the stage's only one: embedding on every CPU of a node (a 1-CPU worker left the rest idle)
+    resources = Resources(cpus=1, gpus=1, whole_node=True)
     once_resources = Resources(gpus=1, whole_node=True)  # training: every CPU of a node, k-means on its GPU
     options = (
         Option("index_str", str, "auto", "faiss.index_factory string of the index, or auto."),
