@@ -276,16 +276,12 @@ class Encoder(torch.nn.Module):
         """The padded tokens per batch :meth:`encode_ids` uses by default on this encoder's device."""
         return DEFAULT_BATCH_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
 
-    def padded_width(self, length: int) -> int:
-        """The width a sequence of ``length`` tokens is padded to: the next multiple of :data:`PAD_MULTIPLE`
-        (at most ``max_length``), a function of its own length only."""
-        return min(-(-int(length) // PAD_MULTIPLE) * PAD_MULTIPLE, max(self.max_length, int(length)))
-
     def plan_batches(self, lengths: np.ndarray, batch_size: int | None = None, batch_tokens: int | None = None,
                      sort_by_length: bool = True) -> list[tuple[np.ndarray, int]]:
         """(rows, padded width) of each batch :meth:`encode_ids` runs for sequences of ``lengths``.
 
-        Every sequence is padded to :meth:`padded_width` of its own length. Sorted (the default): batches
+        Every sequence is padded to the next multiple of :data:`PAD_MULTIPLE` of its own length (at most
+        ``max_length``), a function of its own length only. Sorted (the default): batches
         hold consecutive items of the order by padded width (widest first, ties in input order), never two
         widths in one batch, each at most ``batch_tokens`` padded tokens (at least one row) and at most
         ``batch_size`` rows. Unsorted: consecutive items in input order under the same caps, padded to the
@@ -298,7 +294,8 @@ class Encoder(torch.nn.Module):
         if not isinstance(batch_tokens, (int, np.integer)) or batch_tokens < 1:
             raise UserError(f"embedder batch_tokens={batch_tokens!r} must be a positive integer")
         n = len(lengths)
-        widths = np.array([self.padded_width(x) for x in lengths], dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        widths = np.minimum(-(-lengths // PAD_MULTIPLE) * PAD_MULTIPLE, np.maximum(self.max_length, lengths))
         order = np.argsort(-widths, kind="stable") if sort_by_length else np.arange(n)
         cap = batch_size or n or 1
         batches: list[tuple[np.ndarray, int]] = []

@@ -227,8 +227,8 @@ def node_slots(ray, cpus: float, gpus: float, max_per_node: int) -> list[str]:
     return slots
 
 
-def _worker_env(resources: dict[str, Any]) -> int:
-    """Thread pools of a worker process sized to the CPUs its work holds; returns that count."""
+def _worker_env(resources: dict[str, Any]) -> None:
+    """Thread pools of a worker process sized to the CPUs its work holds."""
     ncpu = max(1, int(resources.get("num_cpus") or 1))
     os.environ.setdefault("RAYON_RS_NUM_CPUS", str(ncpu))  # Rust tokenizers' thread pool (fixed at first use)
     os.environ.setdefault("RAYON_NUM_THREADS", str(ncpu))
@@ -236,7 +236,6 @@ def _worker_env(resources: dict[str, Any]) -> int:
         sys.modules["torch"].set_num_threads(ncpu)
     if "faiss" in sys.modules:
         sys.modules["faiss"].omp_set_num_threads(ncpu)
-    return ncpu
 
 
 class _StageWorker:
