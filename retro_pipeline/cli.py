@@ -126,12 +126,15 @@ class RetroCLI(click.Group):
         previous = signal.signal(signal.SIGTERM, _sigterm)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort as e:
-            return _stop(f"interrupted; {_resume_hint(e)}", 130, standalone_mode)
-        except _Terminated as e:
-            return _stop(f"terminated (SIGTERM); {_resume_hint(e)}", 143, standalone_mode)
-        except KeyboardInterrupt as e:
-            return _stop(f"interrupted; {_resume_hint(e)}", 130, standalone_mode)
+        except (click.exceptions.Abort, _Terminated, KeyboardInterrupt, SystemError) as e:
+            # a signal's exception raised while Ray's compiled code runs (ray.wait) arrives as a SystemError
+            # around it
+            sig = e.__cause__ if isinstance(e, SystemError) else e
+            if isinstance(sig, _Terminated):
+                return _stop(f"terminated (SIGTERM); {_resume_hint(e)}", 143, standalone_mode)
+            if isinstance(sig, (click.exceptions.Abort, KeyboardInterrupt)):
+                return _stop(f"interrupted; {_resume_hint(e)}", 130, standalone_mode)
+            raise
         except click.ClickException as e:
             cmd = " ".join(a for a in (prog_name or "retro-pipeline", *(sys.argv[1:2] if args is None else args[:1])))
             return _stop(f"{e.format_message()} (see '{cmd} --help')", e.exit_code, standalone_mode)
