@@ -393,6 +393,43 @@ def test_train_command_end_to_end(tmp_path, cls_bert_dir, corpus_texts, task):
         assert 0 <= metrics["mrr@10"] <= 1 and metrics["n_queries"] == 16
 
 
+@pytest.mark.parametrize("task", ["retromae", "retroar", "mlm", "custom", "contrastive"])
+def test_one_tiny_step_from_a_pretrained_encoder_keeps_its_weights(tmp_path, cls_bert_dir, corpus_texts, task):
+    """One step at lr 1e-9 from a trained encoder moves each weight by about 1e-9 (AdamW's first step is lr
+    times the gradient's sign): the saved encoder equals the one it started from within float noise, for every
+    task. A task that re-initialised any encoder layer changes it by ~100%."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"query": r["query"], "pos": r["positive"]}) + "\n"
+                            for r in _pairs(corpus_texts, 8)))
+    start_dir = cls_bert_dir
+    extra = []
+    if task == "custom":   # the document encoder is the one trained and saved: a second pretrained model
+        from transformers import BertModel
+
+        torch.manual_seed(5)
+        doc = BertModel.from_pretrained(cls_bert_dir)
+        with torch.no_grad():
+            for p in doc.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        start_dir = str(tmp_path / "doc")
+        doc.save_pretrained(start_dir)
+        extra = ["--document-model", start_dir]
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["train", "--task", task, "--model", cls_bert_dir, "--train-file", str(data),
+                                 "--output-dir", str(out), "--max-steps", "1", "--batch-size", "4", "--lr", "1e-9",
+                                 "--warmup-steps", "0", "--max-length", "32", "--no-progress", *extra])
+    assert r.exit_code == 0, (r.output, r.exception)
+    from safetensors.torch import load_file
+
+    before = load_file(os.path.join(start_dir, "model.safetensors"))
+    after = _weights(str(out))
+    assert set(after) == set(before), set(after) ^ set(before)
+    moved = {k: float((after[k] - before[k]).abs().max()) for k in before}
+    worst = max(moved, key=moved.get)
+    assert moved[worst] <= 1e-6, (worst, moved[worst])
+    assert _losses(str(out))[0]["step"] == 1             # it did take its step
+
+
 def test_train_unreachable_address_fails_fast(tmp_path, tiny_bert_dir, pairs_file):
     """`train --address` at a dead host:port is a one-line error in seconds, not a Ray connect retry loop."""
     import subprocess

@@ -61,7 +61,8 @@ class RetroARModel(nn.Module):
         self.positions = nn.Embedding(limit, d)
         self.norm = nn.LayerNorm(d, eps=float(_cfg(config, "layer_norm_eps", "norm_eps", default=1e-12)))
         self.dropout = nn.Dropout(float(_cfg(config, "hidden_dropout_prob", "mlp_dropout", default=0.1)))
-        _init_linear_and_norms(self, float(_cfg(config, "initializer_range", default=0.02)))
+        for new_part in (self.positions, self.norm):   # never the encoder or its head: they come trained
+            _init_linear_and_norms(new_part, float(_cfg(config, "initializer_range", default=0.02)))
         self.decoder = DecoderLayer(config)
         self.lm_head = ARHead(config, encoder.model.get_input_embeddings())
 
