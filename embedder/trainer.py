@@ -16,7 +16,9 @@ rows):
    over the workers on the last micro-batch (``no_sync`` before it), so the update is the one of the mean
    loss over the whole global batch. Tasks whose loss uses other workers' examples (in-batch negatives)
    get ``gather``, an all-gather whose backward all-reduces the gradient and keeps the local slice, so
-   that the gradient equals the one-worker gradient.
+   that the gradient equals the one-worker gradient. A task with ``caches_gradients`` (contrastive) instead
+   collates its whole share once and runs it in ``grad_accum`` pieces through :mod:`embedder.gradcache`, so the
+   loss (and its in-batch negatives) is the whole batch's at any ``grad_accum``.
 5. Gradients are clipped to ``max_grad_norm``; AdamW (no weight decay on biases and norms: parameters of
    one dimension) steps; the LR follows linear warmup then linear decay to 0 at ``max_steps``.
 6. The logged loss is the global-batch mean (all-reduced over workers), written with the LR to
@@ -37,8 +39,9 @@ At the end rank 0 saves the encoder (``task.save``: only the encoder) into ``out
 Equivalence of worker counts: with the same global batch, N workers give the one-worker loss curve to float
 noise (measured on CPU: tiny BERT, in-batch InfoNCE through ``gather``, 2 workers vs 1, largest relative
 difference of the per-step losses 7.5e-8 over 4 steps) for tasks whose collate
-draws no randomness and whose model has no dropout; masks and dropout are drawn per worker, so masking tasks
-match only in distribution.
+draws no randomness and whose model has no dropout; masks and dropout are drawn per worker (and per piece),
+so masking tasks, and any model with dropout (MiniLM: per-step losses 15-89% apart), match only in
+distribution.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -527,6 +531,8 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
+    from embedder.gradcache import cached_backward
+
     t0 = time.time()
     main = rank == 0
     torch.manual_seed(_step_seed(cfg.seed, 0, rank))
@@ -605,6 +611,7 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             bar = tqdm(total=stop, initial=start, desc=f"train {cfg.task_name()}", unit="step", dynamic_ncols=True)
 
     batches = _global_batches(sampler, len(rows), cfg.batch_size)
+    cached = cfg.grad_accum > 1 and task.caches_gradients
     last_loss, saved, window = None, [], []
     try:
         for step in range(start + 1, stop + 1):
@@ -614,13 +621,23 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             metric_sums: dict[str, float] = {}
-            for m in range(cfg.grad_accum):
+            autocast = partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32,
+                               enabled=amp_dtype is not None)
+            if cached:   # the whole local share as one batch (grad-accum 1's), embedded in grad_accum pieces
+                rng = np.random.default_rng([cfg.seed, step, rank])
+                batch = _to_device(task.collate([rows[i] for i in local], rng), device)
+                loss, metrics = cached_backward(task, wrapped, batch, cfg.grad_accum, gather=gather,
+                                                autocast=autocast, scale=scaler.scale, device=device,
+                                                no_sync=wrapped.no_sync if world > 1 else contextlib.nullcontext)
+                loss_sum += loss.detach().double() * cfg.grad_accum
+                metric_sums = {k: float(v) * cfg.grad_accum for k, v in (metrics or {}).items()}
+            for m in range(0 if cached else cfg.grad_accum):
                 part = [rows[i] for i in local[m * micro:(m + 1) * micro]]
                 rng = np.random.default_rng([cfg.seed, step, m * world + rank])
                 batch = _to_device(task.collate(part, rng), device)
                 sync = wrapped.no_sync() if world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext()
                 with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    with autocast():
                         loss, metrics = task.loss(wrapped, batch, gather)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().double()

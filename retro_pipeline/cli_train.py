@@ -55,8 +55,10 @@ def _dims(ctx, param, value):
               help="Global batch: rows per optimizer step over all workers and accumulation steps together; "
                    "must be a multiple of --num-workers x --grad-accum.")
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Micro-batches per optimizer step (each worker's micro-batch is batch-size / (num-workers x "
-                   "grad-accum) rows); same result as one big batch, less memory.")
+              help="Pieces each worker's share of a batch is run in (batch-size / (num-workers x grad-accum) rows "
+                   "in memory at a time). contrastive: the loss is still taken over the whole batch (gradient "
+                   "caching: each piece runs twice), so the result is one big batch's; retromae, retroar, custom, "
+                   "mlm: the mean of the pieces' losses, each piece masked on its own.")
 @click.option("--lr", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate of AdamW.")
 @click.option("--weight-decay", default=0.01, show_default=True, type=click.FloatRange(min=0),

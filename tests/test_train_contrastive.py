@@ -598,3 +598,55 @@ def test_training_forward_matches_encode(tiny_bert_dir, pooling):
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     np.testing.assert_allclose(q.numpy(), want, rtol=0, atol=1e-5)
     assert n.shape == (3, 32) and loss.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------- gradient accumulation
+
+
+@pytest.fixture()
+def no_dropout_bert(tiny_bert_dir, tmp_path):
+    from transformers import AutoTokenizer, BertModel
+
+    model = BertModel.from_pretrained(tiny_bert_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.save_pretrained(tmp_path / "nodrop")
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(tmp_path / "nodrop")
+    return str(tmp_path / "nodrop")
+
+
+@pytest.mark.parametrize("kw", [{}, {"learnable_temperature": True, "temperature": 0.05, "matryoshka_dims": (8,)},
+                                {"loss": "margin"}], ids=["infonce", "learnable-matryoshka", "margin"])
+def test_grad_accum_is_one_big_batch(tmp_path, no_dropout_bert, corpus_texts, kw):
+    """`--grad-accum` embeds the batch in micro-batches but takes the loss over the whole batch (every row's
+    in-batch and hard negatives as in one big batch), so losses and weights equal grad-accum 1's to float noise
+    (no dropout: its masks depend on the micro-batch's shape)."""
+    from embedder.trainer import TrainConfig, train
+
+    words = " ".join(corpus_texts[:60]).split()
+    rows = []
+    for i in range(32):
+        w = words[i * 23:i * 23 + 30]
+        row = {"query": " ".join(w[:5]), "pos": " ".join(w[3:3 + 8 + i % 9])}
+        if i % 3 == 0:                                   # some rows with hard negatives, of different counts
+            row["neg"] = [" ".join(words[i * 7 + j * 11:i * 7 + j * 11 + 12]) for j in range(1 + i % 2)]
+        rows.append(row)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for accum in (1, 2, 4):
+        out = train(TrainConfig(task="contrastive", train_file=str(data), output_dir=str(tmp_path / f"a{accum}"),
+                                options=TaskOptions(model=no_dropout_bert, max_length=32, **kw), lr=1e-3,
+                                batch_size=16, grad_accum=accum, max_steps=3, warmup_steps=0, progress=False))
+        with open(tmp_path / f"a{accum}" / "loss_log.jsonl") as f:
+            losses = [json.loads(line)["loss"] for line in f]
+        from safetensors.torch import load_file
+
+        runs[accum] = (np.array(losses), load_file(f"{out['output_dir']}/model.safetensors"))
+    l1, w1 = runs[1]
+    assert len(l1) == 3 and l1[-1] < l1[0]
+    for accum in (2, 4):
+        la, wa = runs[accum]
+        np.testing.assert_allclose(la, l1, rtol=1e-5, err_msg=f"grad-accum {accum}")
+        diff = torch.cat([(wa[k] - w1[k]).abs().reshape(-1) for k in w1])
+        # as test_trainer's accumulation test: AdamW moves a weight by ~lr whatever its gradient's size, so
+        # summation order shows on the few weights whose gradient is near eps
+        assert float(diff.max()) <= 5e-5 and float((diff > 1e-6).float().mean()) <= 1e-3, accum

@@ -322,6 +322,33 @@ def test_two_ray_workers_match_one(tmp_path, tiny_bert_dir, pairs_file, ray_sess
     assert os.path.isdir(os.path.join(two["output_dir"], CHECKPOINTS, "step-2"))
 
 
+@pytest.mark.slow  # two Ray Train workers (~10 s)
+def test_contrastive_two_workers_with_grad_accum_match_one_big_batch(tmp_path, tiny_bert_dir, corpus_texts,
+                                                                    ray_session):
+    """Contrastive InfoNCE (in-batch negatives across workers through gather, whole-batch loss through gradient
+    caching): 2 workers x --grad-accum 2 follow one worker's one big batch (no dropout)."""
+    from transformers import AutoTokenizer, BertModel
+
+    model = str(tmp_path / "nodrop")
+    BertModel.from_pretrained(tiny_bert_dir, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(model)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"query": r["query"], "pos": r["positive"]}) + "\n"
+                            for r in _pairs(corpus_texts, 32)))
+    runs = []
+    for name, workers, accum in (("one", 1, 1), ("two", 2, 2)):
+        runs.append(train(TrainConfig(task="contrastive", train_file=str(data), output_dir=str(tmp_path / name),
+                                      options=TaskOptions(model=model, max_length=32), lr=1e-3, batch_size=16,
+                                      grad_accum=accum, num_workers=workers, max_steps=3, warmup_steps=0,
+                                      progress=False)))
+    l1, l2 = (np.array([r["loss"] for r in _losses(x["output_dir"])]) for x in runs)
+    assert len(l1) == len(l2) == 3 and l1[-1] < l1[0]
+    np.testing.assert_allclose(l2, l1, rtol=RTOL)
+    a, b = _weights(runs[0]["output_dir"]), _weights(runs[1]["output_dir"])
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
 # ---------------------------------------------------------------------- checks and the command line
 
 

@@ -99,6 +99,27 @@ class Task:
         local part, for losses that use other workers' negatives."""
         raise NotImplementedError
 
+    # ---- gradient caching (optional): for losses over the whole batch, e.g. in-batch negatives
+    #: True: with ``grad_accum`` > 1 the trainer collates the whole batch once, embeds it in ``grad_accum``
+    #: pieces without gradients, takes the loss over all of it, then re-runs each piece with the loss's
+    #: gradient (:mod:`embedder.gradcache`), so accumulation gives the one-big-batch result. Such a task
+    #: implements the three methods below, and ``loss`` is ``loss_from_outputs(module(**model_inputs(batch)))``.
+    caches_gradients: bool = False
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The part of a collated batch that ``module(**inputs)`` takes."""
+        raise NotImplementedError
+
+    def split_inputs(self, inputs: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+        """``inputs`` cut into ``parts`` pieces by rows, each a valid ``module(**piece)`` input, such that the
+        outputs of the pieces, concatenated along dim 0 (0-dim outputs: the same in every piece), are the
+        outputs of the whole."""
+        raise NotImplementedError
+
+    def loss_from_outputs(self, outputs: tuple, batch: dict[str, Any], gather=None) -> tuple[Any, dict[str, float]]:
+        """(scalar loss, metrics) from what ``module(**model_inputs(batch))`` returned."""
+        raise NotImplementedError
+
     # ---- result
     def save(self, module, output_dir: str) -> None:
         """Save the trained encoder (only the encoder) so that ``embedder.Encoder.load(output_dir)`` and

@@ -203,21 +203,49 @@ class ContrastiveTask(Task):
 
     # ------------------------------------------------------------------ objective
 
+    caches_gradients = True   # in-batch negatives: --grad-accum embeds in pieces, the loss sees the whole batch
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in batch.items() if k.split("_", 1)[0] in _PARTS}
+
+    def split_inputs(self, inputs: dict[str, Any], parts: int) -> list[dict[str, Any]]:
+        """Queries, positives and negatives each cut into ``parts`` row ranges (every piece holds queries: the
+        trainer's batch divides); each piece's tensors are cut to its own longest text."""
+        pieces: list[dict[str, Any]] = [{} for _ in range(parts)]
+        for part in _PARTS:
+            ids = inputs.get(f"{part}_input_ids")
+            if ids is None:
+                continue
+            for piece, rows in zip(pieces, np.array_split(np.arange(ids.shape[0]), parts)):
+                if len(rows) == 0:
+                    continue
+                lo, hi = int(rows[0]), int(rows[-1]) + 1
+                width = max(1, int(inputs[f"{part}_attention_mask"][lo:hi].sum(dim=1).max()))
+                for name in ("input_ids", "attention_mask", "special_tokens_mask"):
+                    key = f"{part}_{name}"
+                    if key in inputs:
+                        piece[key] = inputs[key][lo:hi, :width]
+        return pieces
+
     def loss(self, module, batch: dict[str, Any], gather=None) -> tuple[torch.Tensor, dict[str, float]]:
         inner = getattr(module, "module", module)
         device = inner.encoder.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        inputs = {k: v for k, v in batch.items() if k.split("_", 1)[0] in _PARTS}
-        q, d, n, t = module(**inputs)
-        keys = {"gather": gather, "pos_keys": batch["pos_keys"], "doc_keys": batch["doc_keys"],
-                "neg_keys": batch["neg_keys"]}
+        return self.loss_from_outputs(module(**self.model_inputs(batch)), batch, gather)
+
+    def loss_from_outputs(self, outputs: tuple, batch: dict[str, Any], gather=None) -> tuple[torch.Tensor, dict[str, float]]:
+        q, d, n, t = outputs
+        device = q.device
+        keys = {"gather": gather, "pos_keys": batch["pos_keys"].to(device), "doc_keys": batch["doc_keys"].to(device),
+                "neg_keys": batch["neg_keys"].to(device)}
         o = self.options
+        neg_index = batch["neg_index"].to(device)
         if o.loss == "infonce":
             fn = partial(info_nce, temperature=t, **keys)
         elif o.loss == "margin":
-            fn = partial(margin_loss, margin=o.margin, neg_index=batch["neg_index"], **keys)
+            fn = partial(margin_loss, margin=o.margin, neg_index=neg_index, **keys)
         else:
-            fn = partial(pairwise_logistic, temperature=t, neg_index=batch["neg_index"], **keys)
+            fn = partial(pairwise_logistic, temperature=t, neg_index=neg_index, **keys)
         dims = sorted(set(o.matryoshka_dims) | {q.shape[1]})
         hard = n if n.shape[0] else None
         # scores in float32 even under the trainer's autocast (cosines / 0.02 lose too much in fp16)
