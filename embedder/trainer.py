@@ -379,9 +379,7 @@ def _model_spec(cfg: TrainConfig) -> dict:
     absolute, hub ids and None as given."""
     spec = {}
     for key in ("model", "model_config", "tokenizer", "document_model"):
-        value = getattr(cfg.options, key)
-        if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
-            value = os.path.abspath(os.path.expanduser(value))
+        value = _local_path(getattr(cfg.options, key))
         if isinstance(value, (str, type(None))):
             spec[key] = value
     return spec
@@ -769,6 +767,7 @@ def train(cfg: TrainConfig) -> dict:
     ``address``, or a local Ray started here (and stopped at the end).
     """
     check_config(cfg)
+    cfg = absolute_paths(cfg)
     if cfg.num_workers == 1 and not cfg.address:
         import torch
 
@@ -781,6 +780,28 @@ def train(cfg: TrainConfig) -> dict:
             device = torch.device("cuda" if cuda else "cpu")
         return _train_loop(cfg, 0, 1, device)
     return _train_ray(cfg)
+
+
+def _local_path(value):
+    """A path that exists here, made absolute; anything else (a hub id, None) as given."""
+    if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every path resolved where the user gave it (this process's working directory): Ray Train
+    workers run elsewhere (another directory, another node), where a relative path would name another file or
+    none. The output directory and TensorBoard directory need not exist yet; models and tokenizers stay hub
+    ids when no such local path exists."""
+    def absolute(p):
+        return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) else p
+
+    options = dataclasses.replace(cfg.options, **{k: _local_path(getattr(cfg.options, k))
+                                                  for k in ("model", "model_config", "tokenizer", "document_model")})
+    return dataclasses.replace(cfg, train_file=absolute(cfg.train_file), output_dir=absolute(cfg.output_dir),
+                               tensorboard=absolute(cfg.tensorboard), options=options,
+                               resume=cfg.resume if cfg.resume in (None, "latest") else absolute(cfg.resume))
 
 
 def _ray_worker(config: dict):

@@ -349,6 +349,28 @@ def test_contrastive_two_workers_with_grad_accum_match_one_big_batch(tmp_path, t
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
+@pytest.mark.slow  # two Ray Train workers (~8 s)
+def test_two_workers_take_relative_paths_where_the_user_typed_them(tmp_path, tiny_bert_dir, corpus_texts,
+                                                                    ray_session, monkeypatch):
+    """`train --num-workers 2` with the README's relative --train-file, --output-dir and --model: the workers
+    read and the model lands where the command ran, not in Ray's session directory."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_bert_dir, "m")
+    os.makedirs("pairs")
+    with open("pairs/train.jsonl", "w") as f:
+        f.write("".join(json.dumps({"query": r["query"], "pos": r["positive"]}) + "\n" for r in _pairs(corpus_texts, 8)))
+    r = CliRunner().invoke(cli, ["train", "--task", "contrastive", "--model", "m", "--train-file", "pairs/train.jsonl",
+                                 "--output-dir", "dp_rel", "--num-workers", "2", "--max-steps", "1",
+                                 "--batch-size", "4", "--max-length", "32", "--no-progress"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert os.path.isfile(tmp_path / "dp_rel" / "model.safetensors"), os.listdir(tmp_path / "dp_rel")
+    args = json.load(open(tmp_path / "dp_rel" / TRAINING_ARGS))
+    assert args["train_file"] == str(tmp_path / "pairs" / "train.jsonl")
+    assert args["options"]["model"] == str(tmp_path / "m")
+
+
 # ---------------------------------------------------------------------- checks and the command line
 
 
