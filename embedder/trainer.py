@@ -57,6 +57,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -731,7 +732,11 @@ def save_model(task: Task, module, output_dir: str) -> None:
     staging = out / f".model.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        task.save(getattr(module, "module", module), str(staging))
+        with warnings.catch_warnings(record=True) as caught:   # said of the output directory, not the staging one
+            warnings.simplefilter("always")
+            task.save(getattr(module, "module", module), str(staging))
+        for w in caught:
+            log.warning("%s", str(w.message).replace(str(staging), str(out)))
         names = sorted(os.listdir(staging))
         clash = [n for n in names if n in TRAINING_OUTPUTS]
         if clash:
@@ -825,21 +830,10 @@ def _ray_worker(config: dict):
 def _train_ray(cfg: TrainConfig) -> dict:
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-        kw = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": True}
-        address = cfg.address or os.environ.get("RAY_ADDRESS")  # RAY_ADDRESS: as set inside `ray job submit`
-        if address:
-            try:
-                ray.init(address=address, **kw)
-            except ConnectionError as e:
-                raise UserError(f"--address {address}: cannot connect to a Ray cluster ({e}); check the "
-                                f"address, or leave --address out to run locally") from None
-        else:
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_workers),
-                     object_store_memory=200 * 1024**2, **kw)
-        started = True
+    from embedder.ray_session import ensure_ray
+
+    started = not ray.is_initialized()   # a Ray this call starts (or joins) is left again at the end
+    ensure_ray(cfg.address, num_cpus=max(os.cpu_count() or 1, cfg.num_workers), object_store_memory=200 * 1024**2)
     try:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer

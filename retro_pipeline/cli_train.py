@@ -115,7 +115,8 @@ def _dims(ctx, param, value):
 @click.option("--num-negatives", type=click.IntRange(min=0),
               help="contrastive: hard negatives used per query (drawn from the row's 'neg') [default: all].")
 @click.option("--pooling", type=click.Choice(["cls", "mean", "mean-no-special"]),
-              help="Pooling of the saved encoder [default: the model's own, else mean].")
+              help="contrastive, mlm: pooling of the saved encoder [default: the model's own, else mean]. "
+                   "retromae, retroar and custom train the [CLS] embedding and always save pooling cls.")
 @click.option("--model-config", type=click.Path(),
               help="mlm, retromae, retroar: start from a random-init encoder built from this config.json (or a "
                    "directory holding one; e.g. {\"model_type\": \"bert\", \"hidden_size\": 256, ...}) "
@@ -152,7 +153,7 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
     if not resume:
         refuse_existing_run(cfg)  # never over an earlier run's checkpoints or final model
     if address or (num_workers > 1 and os.environ.get("RAY_ADDRESS")):
-        from retro_pipeline.executor.ray import ensure_ray
+        from embedder.ray_session import ensure_ray
 
         ensure_ray(address)  # fails in seconds on a dead address, follows 'auto', sends this machine's token
     try:

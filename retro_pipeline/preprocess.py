@@ -114,7 +114,7 @@ def preprocess(inputs, output_prefix, tokenizer_spec: str, text_key: str = "text
                 texts = [t for t, _ in batch]
                 write(writer, *tokenize_documents(tok, texts, dtype, batch_size), len(texts), batch[-1][1])
         else:
-            from retro_pipeline.executor.ray import ensure_ray
+            from embedder.ray_session import ensure_ray
 
             ray = ensure_ray(address=address)
             task = ray.remote(num_cpus=1)(_tokenize_shard)

@@ -17,7 +17,7 @@ def main() -> None:
     n_nodes, cpus = int(sys.argv[1]), int(sys.argv[2])
     # the driver sends this machine's Ray token when it has one (retro_pipeline.executor.ray); a cluster that
     # does not check it kills that driver's actors: check tokens where the driver sends one, as `ray start` does
-    from retro_pipeline.executor.ray import _send_token_if_we_have_one
+    from embedder.ray_session import _send_token_if_we_have_one
 
     _send_token_if_we_have_one()
     from ray.cluster_utils import Cluster

@@ -20,7 +20,7 @@ from retro_pipeline.tokenizers import load_gpt_tokenizer
 @pytest.fixture()
 def head_node(tmp_path):
     """A one-node Ray cluster of its own (`--block` keeps it ours: stopping it stops only its processes)."""
-    from retro_pipeline.executor.ray import cluster_file
+    from embedder.ray_session import cluster_file
 
     port = free_port()
     env = env_without_ray_address()

@@ -422,12 +422,12 @@ def test_warnings_before_a_failure_travel_with_it():
 def test_the_ray_log_filter_fails_soft_on_another_layout(monkeypatch):
     import ray._private.ray_logging as ray_logging
 
-    from retro_pipeline.executor.ray import _drop_kill_noise
+    from embedder.ray_session import drop_ray_noise
 
     class Other:  # a dispatcher without the private attributes the filter uses
         pass
 
     monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", Other())
-    _drop_kill_noise()  # no exception: lines are printed as Ray prints them
+    drop_ray_noise()  # no exception: lines are printed as Ray prints them
     monkeypatch.delattr(ray_logging, "global_worker_stdstream_dispatcher")
-    _drop_kill_noise()
+    drop_ray_noise()

@@ -151,7 +151,7 @@ def test_demo_corpus_is_deterministic_and_idempotent(tmp_path):
 
 
 def test_small_input_with_workers_does_not_start_ray(tmp_path, monkeypatch):
-    import retro_pipeline.executor.ray as R
+    import embedder.ray_session as R
 
     texts = [f"document {i} " * (i % 5) for i in range(50)]  # some empty
     src = write_jsonl(tmp_path / "in.jsonl", texts)
