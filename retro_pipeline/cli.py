@@ -12,29 +12,25 @@ from typing import Any
 
 import click
 
+from retro_pipeline.cli_options import click_option
 from retro_pipeline.config import RUN_OPTIONS, load_config_file, run_options
 from retro_pipeline.errors import RetroError, StageFailed, UserError
-from retro_pipeline.stage import Option, Stage, all_stages
+from retro_pipeline.stage import Stage, all_stages
 
 ALIASES = {"embed": "embed-sampled"}  # old names, hidden
 
-
-def click_option(o: Option) -> click.Option:
-    """The CLI flag of a declared option; it defaults to None so that 'not given' stays visible."""
-    kw: dict[str, Any] = {"default": None}
-    if o.type is bool:
-        kw["is_flag"] = True
-    elif o.choices is not None:
-        kw["type"] = click.Choice(o.choices)
-    elif o.type is int:
-        kw["type"] = click.IntRange(min=o.minimum, min_open=o.open_minimum, max=o.maximum) \
-            if o.minimum is not None or o.maximum is not None else int
-    elif o.type is float:
-        kw["type"] = click.FloatRange(min=o.minimum, min_open=o.open_minimum, max=o.maximum) \
-            if o.minimum is not None or o.maximum is not None else float
-    shown = o.shown_default if o.shown_default is not None else (None if o.default is None else str(o.default))
-    help_ = o.help + (f" [default: {shown}]" if shown else "")
-    return click.Option([o.flag], help=help_, **kw)
+# Commands that are not stages: name -> (module, attribute). The group imports a module when one of its
+# commands is asked for (its modules never import this one back).
+LAZY_COMMANDS = {
+    "train": ("retro_pipeline.cli_train", "train_command"),
+    "evaluate": ("retro_pipeline.cli_train", "evaluate_command"),
+    "mine-negatives": ("retro_pipeline.cli_train", "mine_negatives_command"),
+    "demo-pairs": ("retro_pipeline.cli_train", "demo_pairs_command"),
+    "train-tokenizer": ("retro_pipeline.cli_tools", "train_tokenizer"),
+    "preprocess": ("retro_pipeline.cli_tools", "preprocess"),
+    "inspect": ("retro_pipeline.cli_inspect", "inspect_cmd"),
+    "verify": ("retro_pipeline.cli_verify", "verify"),
+}
 
 
 def common_options() -> list[click.Option]:
@@ -97,11 +93,16 @@ class RetroCLI(click.Group):
         stages = all_stages()
         groups = [c.group for c in stages if c.group]
         return ["build", *dict.fromkeys(n for c in stages for n in ([c.group, c.name] if c.group else [c.name])),
-                *sorted(set(self.commands) - {"build"} - set(groups))]
+                *sorted((set(self.commands) | set(LAZY_COMMANDS)) - {"build"} - set(groups))]
 
     def get_command(self, ctx, name):
         if name in self.commands:
             return self.commands[name]
+        if name in LAZY_COMMANDS:
+            import importlib
+
+            module, attr = LAZY_COMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
         if name == "build":
             classes = all_stages()
             return stage_command("build", classes, f"Run every stage in order ({', '.join(c.name for c in classes)})."
@@ -243,7 +244,7 @@ def _counts(d: dict) -> str:
 
 
 @cli.command()
-@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False))
+@click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="The build directory to report on.")
 def status(workdir):
     """Per stage: done, partial (blocks done of total), not started, or stale (made from changed inputs)."""
     from retro_pipeline.pipeline import status as get_status
@@ -300,12 +301,5 @@ def main():
     cli(prog_name="retro-pipeline")
 
 
-from retro_pipeline import cli_tools  # noqa: E402,F401  (registers train-tokenizer and preprocess)
-from retro_pipeline import cli_train  # noqa: E402,F401  (registers train, evaluate, mine-negatives)
-from retro_pipeline import cli_inspect  # noqa: E402,F401  (registers inspect)
-from retro_pipeline import cli_verify  # noqa: E402,F401  (registers verify)
-
-if __name__ == "__main__":  # python -m retro_pipeline.cli: run the imported module, which the others register on
-    from retro_pipeline.cli import main as _main
-
-    _main()
+if __name__ == "__main__":  # python -m retro_pipeline.cli
+    main()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import click
 
-from retro_pipeline.cli import cli
 
 
 ALLOW_CHANGED_HELP = ("Read it even where 'retro-pipeline status' calls it stale (a corpus or tokenizer file "
@@ -19,7 +18,7 @@ def _allow_changed(f):
     return click.option("--allow-changed", is_flag=True, help=ALLOW_CHANGED_HELP)(f)
 
 
-@cli.group("inspect")
+@click.group("inspect")
 @click.option("--workdir", "-w", type=click.Path(file_okay=False), help="The build directory to read.")
 @_allow_changed
 @click.pass_context

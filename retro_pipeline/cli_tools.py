@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from retro_pipeline.cli import cli
 
 _INPUT_HELP = ("JSONL (one JSON object per line), Parquet or text file, or a directory of them (repeatable). "
                "A directory is read recursively: .jsonl/.json/.ndjson[.gz], .parquet/.pq and text files "
@@ -12,7 +11,7 @@ _INPUT_HELP = ("JSONL (one JSON object per line), Parquet or text file, or a dir
                "here is read whatever its suffix (unknown ones as one text document).")
 
 
-@cli.command("train-tokenizer")
+@click.command("train-tokenizer")
 @click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True), help=_INPUT_HELP)
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Directory to write tokenizer.json into (created if missing).")
@@ -36,7 +35,7 @@ def train_tokenizer(inputs, output, vocab_size, kind, text_key, min_frequency):
     click.echo(f"wrote {path}: {kind} vocabulary of {size:,} tokens{asked}")
 
 
-@cli.command()
+@click.command()
 @click.option("--input", "inputs", multiple=True, required=True, type=click.Path(exists=True), help=_INPUT_HELP)
 @click.option("--output-prefix", required=True,
               help="Writes PREFIX.bin and PREFIX.idx (Megatron's indexed dataset); directories are created.")

@@ -1,7 +1,7 @@
 """Encoder training commands: ``train`` (one loop for every task of :mod:`embedder.tasks`), ``evaluate`` and
 ``mine-negatives`` (thin layers over :mod:`embedder.evaluate`).
 
-Registered by one import line at the bottom of :mod:`retro_pipeline.cli`.
+Registered lazily by :mod:`retro_pipeline.cli` (LAZY_COMMANDS).
 Nothing here imports torch or ray until a command runs.
 """
 
@@ -13,7 +13,6 @@ import os
 import click
 
 from embedder.tasks import TASK_MODULES
-from retro_pipeline.cli import cli
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")   # embedder.trainer.PRECISIONS (not imported: keeps --help light)
 
@@ -31,7 +30,7 @@ def _dims(ctx, param, value):
     return dims
 
 
-@cli.command("train", context_settings={"max_content_width": 110})
+@click.command("train", context_settings={"max_content_width": 110})
 @click.option("--task", required=True, type=click.Choice(list(TASK_MODULES)),
               help="retromae / retroar: pre-train an encoder on raw text (masked encoder + light decoder; "
                    "rows {'text': ...}); mlm: masked-language-model pre-training; all three can start from "
@@ -191,7 +190,7 @@ def _resume_hint(output_dir: str) -> str:
 # ---------------------------------------------------------------------- evaluate, mine-negatives
 
 
-@cli.command("evaluate")
+@click.command("evaluate")
 @click.option("--model", help="Encoder to judge: a model directory (e.g. a train --output-dir) or a hub id "
                               "[default: the packaged all-MiniLM-L6-v2].")
 @click.option("--eval-file", required=True, type=click.Path(dir_okay=False),
@@ -218,7 +217,7 @@ def evaluate_command(model, eval_file, k, batch_size, as_json):
         click.echo(f"{name:>12}  {value:.4f}" if isinstance(value, float) else f"{name:>12}  {value}")
 
 
-@cli.command("mine-negatives")
+@click.command("mine-negatives")
 @click.option("--model", help="Encoder that ranks the candidates: a model directory or hub id [default: the "
                               "packaged all-MiniLM-L6-v2].")
 @click.option("--input", "input_file", required=True, type=click.Path(dir_okay=False),
@@ -248,7 +247,7 @@ def mine_negatives_command(model, input_file, output, k, batch_size):
                f"(up to {k} per row)")
 
 
-@cli.command("demo-pairs")
+@click.command("demo-pairs")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False),
               help="Where train.jsonl, test.jsonl, docs.jsonl and pretrain.jsonl are written (created if missing).")
 @click.option("--test-share", default=0.25, show_default=True, type=click.FloatRange(0, 1, min_open=True,

@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import click
 
-from retro_pipeline.cli import cli, click_option
+from retro_pipeline.cli_options import click_option
 from retro_pipeline.stages.embed import EMBED_OPTIONS
 
 
-@cli.command()
+@click.command()
 @click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="The build to verify.")
 @click.option("--fraction", type=float, default=0.05, show_default=True,
               help="Share of each finished stage's blocks to recompute (above 0, at most 1); at least one block "

@@ -45,3 +45,26 @@ def test_help_does_not_import_heavy_modules():
             "print(sorted(m for m in ('torch', 'ray', 'faiss', 'transformers', 'h5py') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "--data-path" in out and out.strip().endswith("[]")
+
+
+def test_commands_register_lazily_and_python_dash_m_runs_the_cli():
+    """Command modules never import the group back (no import circle), the group finds them by name, and
+    `python -m retro_pipeline` is the CLI; `--help` of the whole group still imports nothing heavy."""
+    code = ("import sys\n"
+            "import retro_pipeline.cli_train, retro_pipeline.cli_tools, retro_pipeline.cli_inspect, "
+            "retro_pipeline.cli_verify\n"
+            "print('retro_pipeline.cli' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    r = subprocess.run([sys.executable, "-m", "retro_pipeline", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("build", "db-build", "query-neighbors", "train", "evaluate", "mine-negatives", "demo-pairs",
+                 "train-tokenizer", "preprocess", "inspect", "verify", "status"):
+        assert f"\n  {name} " in r.stdout, name
+    r = subprocess.run([sys.executable, "-m", "retro_pipeline", "train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--grad-accum" in r.stdout, r.stderr
+    code = ("import sys; from retro_pipeline.cli import cli\n"
+            "try:\n    cli(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'ray', 'faiss', 'transformers', 'h5py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "mine-negatives" in out and out.strip().endswith("[]"), out

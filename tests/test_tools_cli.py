@@ -66,11 +66,17 @@ def test_train_tokenizer_min_frequency_must_be_positive(tmp_path, docs):
 
 
 def test_every_option_has_help():
-    for name in ("preprocess", "train-tokenizer"):
-        missing = [p.name for p in cli.commands[name].params
-                   if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()
-                   and p.name != "help"]
-        assert not missing, (name, missing)
+    ctx = click.Context(cli)
+    names = cli.list_commands(ctx)
+    assert {"preprocess", "train-tokenizer", "train", "verify", "inspect", "status"} <= set(names)
+    for name in names:
+        cmd = cli.get_command(ctx, name)
+        subs = [cmd, *cmd.commands.values()] if isinstance(cmd, click.Group) else [cmd]
+        for c in subs:
+            missing = [p.name for p in c.params
+                       if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()
+                       and p.name != "help"]
+            assert not missing, (name, c.name, missing)
         assert "Traceback" not in invoke(name, "--help").output
 
 

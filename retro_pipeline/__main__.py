@@ -1,0 +1,5 @@
+"""`python -m retro_pipeline`: the `retro-pipeline` command."""
+
+from retro_pipeline.cli import main
+
+main()
