@@ -24,7 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from collections import deque
+from collections import abc, deque
 from itertools import islice
 from typing import Any, Hashable, Iterator, Sequence
 
@@ -54,29 +54,112 @@ def read_rows(path: str | os.PathLike, task=None) -> list[dict]:
     try:
         with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as "
-                                    "UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: not a JSON object ({e.msg} at column {e.colno}); each line must "
-                                    "be one JSON object") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{where}: not a JSON object (got {_json_type(row)}); each line must be one "
-                                    "JSON object")
-                rows.append(task.check_row(row, where) if task is not None else row)
+                if raw.strip():
+                    rows.append(_parse_line(raw, lineno, path, task))
     except (OSError, EOFError) as e:  # missing / unreadable file, corrupt gzip
         raise UserError(f"cannot read training file '{path}' ({type(e).__name__}: {e}); pass an existing "
                         "JSONL file") from None
     if not rows:
         raise UserError(f"{path}: holds no rows; each line must be one JSON object")
     return rows
+
+
+def _parse_line(raw: bytes, lineno: int, path: str, task) -> dict:
+    """One non-blank line of a JSONL file -> its row, checked by ``task`` (errors name "path:line")."""
+    where = f"{path}:{lineno}"
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not a JSON object ({e.msg} at column {e.colno}); each line must be one JSON "
+                        "object") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: not a JSON object (got {_json_type(row)}); each line must be one JSON object")
+    return task.check_row(row, where) if task is not None else row
+
+
+class RowFile:
+    """The rows of a JSONL training file without holding them in memory: one pass reads every line, checks
+    its row (``task.check_row``, errors naming "file:line" as :func:`read_rows` does) and keeps only where the
+    line starts (8 bytes a row) and, for a task that names batch groups, a 64-bit hash of the row's group key
+    (8 bytes more); ``rows[i]`` reads line ``i`` back, parses and checks it again. Memory stays flat however
+    large the file (a gzip file is first decompressed to a temporary file, removed by :meth:`close`).
+
+    ``groups`` is the array of group hashes (None for a task without groups), for
+    :class:`NoDuplicateBatchSampler`: two rows share a hash when their keys are equal (a different pair of
+    keys collides with probability 2**-64)."""
+
+    def __init__(self, path: str | os.PathLike, task=None):
+        import array
+        import tempfile
+
+        self.path = os.fspath(path)
+        self.task = task
+        self._spool = None
+        offsets, lines, groups = array.array("q"), array.array("q"), array.array("q")
+        grouped = None
+        try:
+            if self.path.endswith(".gz"):
+                self._spool = tempfile.NamedTemporaryFile(prefix="rows-", suffix=".jsonl")
+                with gzip.open(self.path, "rb") as z:
+                    for block in iter(lambda: z.read(1 << 20), b""):
+                        self._spool.write(block)
+                self._spool.flush()
+            self._file = open(self._spool.name if self._spool else self.path, "rb")
+            at = 0
+            for lineno, raw in enumerate(self._file, 1):
+                start, at = at, at + len(raw)
+                if not raw.strip():
+                    continue
+                row = _parse_line(raw, lineno, self.path, task)
+                if task is not None:
+                    key = task.batch_groups([row])
+                    grouped = key is not None if grouped is None else grouped
+                    if grouped:
+                        groups.append(_key_hash(key[0]))
+                offsets.append(start)
+                lines.append(lineno)
+        except (OSError, EOFError) as e:  # missing / unreadable file, corrupt gzip
+            self.close()
+            raise UserError(f"cannot read training file '{self.path}' ({type(e).__name__}: {e}); pass an existing "
+                            "JSONL file") from None
+        except BaseException:
+            self.close()
+            raise
+        if not offsets:
+            self.close()
+            raise UserError(f"{self.path}: holds no rows; each line must be one JSON object")
+        self._offsets = np.frombuffer(offsets, dtype=np.int64)
+        self._lines = np.frombuffer(lines, dtype=np.int64)
+        self.groups = np.frombuffer(groups, dtype=np.int64) if grouped else None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> dict:
+        self._file.seek(int(self._offsets[i]))
+        return _parse_line(self._file.readline(), int(self._lines[i]), self.path, self.task)
+
+    def close(self) -> None:
+        for f in (getattr(self, "_file", None), self._spool):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> "RowFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _key_hash(key: Hashable) -> int:
+    import hashlib
+
+    data = key.encode("utf-8") if isinstance(key, str) else repr(key).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 # ---------------------------------------------------------------------- pair rows
@@ -187,7 +270,7 @@ class NoDuplicateBatchSampler:
             raise UserError(f"batch_size={batch_size!r} must be a positive integer")
         if groups is None and num_rows is None:
             raise ValueError("pass groups, or num_rows for rows without groups")
-        self.groups = list(groups) if groups is not None else None
+        self.groups = (groups if isinstance(groups, np.ndarray) else list(groups)) if groups is not None else None
         self.num_rows = len(self.groups) if self.groups is not None else int(num_rows)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -200,12 +283,14 @@ class NoDuplicateBatchSampler:
         """All batches of ``epoch`` (lists of row indices), as described in the class docstring."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_rows).tolist()
+        perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_rows)
         bs, groups = self.batch_size, self.groups
-        batches: list[list[int]] = []
-        if groups is None:
-            batches = [perm[i:i + bs] for i in range(0, len(perm), bs)]
+        batches: Sequence[list[int]]
+        if groups is None:   # slices of the permutation, made when asked for: no list of every row
+            batches = _Slices(perm, bs, self.drop_last)
         else:
+            perm = perm.tolist()
+            batches = []
             deferred: dict[Hashable, deque] = {}   # group -> its deferred rows; insertion order = first deferral
             p, n = 0, len(perm)
             while p < n or deferred:
@@ -227,7 +312,7 @@ class NoDuplicateBatchSampler:
                         batch.append(i)
                         keys.add(g)
                 batches.append(batch)
-        if self.drop_last:
+        if self.drop_last and groups is not None:
             batches = [b for b in batches if len(b) == bs]
         self._cache = (int(epoch), batches)
         return batches
@@ -261,3 +346,26 @@ class NoDuplicateBatchSampler:
                                 f"{getattr(self, key)!r}; resume with the same data, seed and batch size")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+class _Slices(abc.Sequence):
+    """Batches of ``size`` consecutive entries of a permutation (the last one shorter unless dropped), as
+    lists of ints made when indexed."""
+
+    def __init__(self, perm: np.ndarray, size: int, drop_last: bool):
+        self.perm, self.size = perm, size
+        self.count = len(perm) // size if drop_last else -(-len(perm) // size)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(self.count))]
+        if not -self.count <= k < self.count:
+            raise IndexError(k)
+        k %= self.count
+        return self.perm[k * self.size:(k + 1) * self.size].tolist()
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)

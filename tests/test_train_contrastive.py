@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from embedder import Encoder, UserError
-from embedder.data import NoDuplicateBatchSampler, doc_key, pair_row, pair_row_json, read_rows
+from embedder.data import NoDuplicateBatchSampler, RowFile, doc_key, pair_row, pair_row_json, read_rows
 from embedder.evaluate import evaluate, mine_negatives, search
 from embedder.losses import Temperature, gather_with_grad, info_nce, margin_loss, matryoshka, pairwise_logistic
 from embedder.tasks import get_task
@@ -262,11 +262,12 @@ def _write(tmp_path, lines, name="train.jsonl"):
     ('{"query": "q", "pos": "p", "neg": {"a": 1}}', "'neg' must be a string or a list of strings, got an object"),
     ('{"query": "q", "pos": "p", "neg": [""]}', "'neg' holds an empty text"),
 ])
-def test_bad_rows_name_file_and_line(tmp_path, line, message):
+@pytest.mark.parametrize("reader", [read_rows, RowFile], ids=["read_rows", "RowFile"])
+def test_bad_rows_name_file_and_line(tmp_path, line, message, reader):
     path = _write(tmp_path, ['{"query": "fine", "pos": "row"}', "", line])
     task = ContrastiveTask(TaskOptions())
     with pytest.raises(UserError) as e:
-        read_rows(path, task)
+        reader(path, task)
     assert str(e.value).startswith(f"{path}:3: ")   # the blank line 2 counts
     assert message in str(e.value)
     assert "\n" not in str(e.value)
@@ -274,14 +275,18 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
         assert str(e.value).endswith("each line must be one JSON object")
 
 
-def test_unreadable_and_empty_files(tmp_path):
+@pytest.mark.parametrize("reader", [read_rows, RowFile], ids=["read_rows", "RowFile"])
+def test_unreadable_and_empty_files(tmp_path, reader):
     with pytest.raises(UserError, match="cannot read training file .*missing.jsonl"):
-        read_rows(str(tmp_path / "missing.jsonl"), None)
+        reader(str(tmp_path / "missing.jsonl"), None)
     with pytest.raises(UserError, match="holds no rows"):
-        read_rows(_write(tmp_path, ["", "  "]), None)
+        reader(_write(tmp_path, ["", "  "]), None)
     (tmp_path / "bin.jsonl").write_bytes(b'{"query": "\xff"}\n')
     with pytest.raises(UserError, match=r"bin.jsonl:1: not UTF-8"):
-        read_rows(str(tmp_path / "bin.jsonl"), None)
+        reader(str(tmp_path / "bin.jsonl"), None)
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(UserError, match="cannot read training file .*bad.jsonl.gz"):
+        reader(str(tmp_path / "bad.jsonl.gz"), None)
 
 
 def test_pair_rows_normalise(tmp_path):
@@ -318,6 +323,41 @@ def _check_epoch(sampler, groups, batches, drop_last):
         assert all(len(b) == sampler.batch_size for b in batches)
     else:
         assert sorted(flat) == list(range(len(groups)))
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["jsonl", "gzip"])
+def test_row_file_reads_back_what_read_rows_holds(tmp_path, gz):
+    """RowFile (rows read back on demand) gives read_rows' rows, any order, and group hashes that are equal
+    exactly where the task's batch-group keys are."""
+    import gzip
+
+    lines = ['{"query": "q1", "document": "d1"}', "", '{"query": "q2", "pos": ["p2", "p2b"], "neg": "n2"}',
+             '{"query": "q3", "pos": " d1 "}', '{"query": "caf\u00e9", "pos": "\u00fcber", "neg": ["x", "y"]}']
+    p = tmp_path / ("t.jsonl.gz" if gz else "t.jsonl")
+    data = ("\ufeff" + "\n".join(lines) + "\n").encode("utf-8")
+    p.write_bytes(gzip.compress(data) if gz else data)
+    task = get_task("contrastive")(TaskOptions())
+    want = read_rows(str(p), task)
+    with RowFile(str(p), task) as rows:
+        assert len(rows) == len(want) == 4
+        assert [rows[i] for i in (3, 0, 2, 1, 0)] == [want[i] for i in (3, 0, 2, 1, 0)]
+        keys = task.batch_groups(want)
+        same = [[keys[i] == keys[j] for j in range(4)] for i in range(4)]
+        assert [[rows.groups[i] == rows.groups[j] for j in range(4)] for i in range(4)] == same
+        assert same[0][2] and not same[0][1]                 # "d1" and " d1 " are one document
+    text_rows = RowFile(str(p), None)                        # no task: raw objects, no groups
+    assert text_rows.groups is None and text_rows[1]["query"] == "q2"
+    text_rows.close()
+
+
+def test_sampler_without_groups_is_the_permutation_in_slices():
+    for drop_last in (False, True):
+        s = NoDuplicateBatchSampler(None, 7, seed=5, drop_last=drop_last, num_rows=40)
+        perm = np.random.default_rng([5, 0]).permutation(40).tolist()
+        want = [perm[i:i + 7] for i in range(0, 40, 7)]
+        want = [b for b in want if len(b) == 7] if drop_last else want
+        assert list(s.epoch_batches(0)) == want and len(s) == len(want)
+        assert list(s) == want and s.epoch == 1
 
 
 def test_sampler_never_repeats_a_group_and_covers_every_row():
