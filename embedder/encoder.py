@@ -40,7 +40,6 @@ own length (at most 7 tokens of padding whatever the batch), never to a batch-ma
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -51,12 +50,11 @@ import torch
 import torch.nn.functional as F
 
 from embedder.atomic import atomic_dir
-from embedder.errors import UserError
-from embedder.settings import DTYPE_ALIASES, DTYPE_NAMES, EMBEDDER_FIX, MODEL_FIX, POOLINGS, no_hf_bars, resolve_model
+from embedder.errors import UserError, first_line
+from embedder.settings import (DTYPE_ALIASES, DTYPE_NAMES, EMBEDDER_FIX, MODEL_FIX, POOLINGS, SETTINGS_FILE,
+                               check_model_dir, default_max_length, load_errors, no_hf_bars, read_settings,
+                               resolve_model)
 
-log = logging.getLogger(__name__)
-
-SETTINGS_FILE = "retro_pooling.json"
 # Sequences are padded to a multiple of this (a function of their own length; tensor cores want it too).
 PAD_MULTIPLE = 8
 # Padded tokens per batch by default. CPU: measured on 1 and 2 threads (MiniLM-L6 and a BERT-base shape, width
@@ -74,6 +72,30 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     if str(dtype) not in _DTYPES:
         raise UserError(f"unknown embedder dtype '{dtype}'; use one of {', '.join(DTYPE_NAMES)}")
     return _DTYPES[str(dtype)]
+
+
+def pad_id(tokenizer) -> int:
+    """The id a tokenizer's sequences are padded with: its padding token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def pad_right(ids: Sequence[Sequence[int]], pad: int, width: int | None = None,
+              special: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Token id lists -> right-padded int64 arrays [B, width] (width: the longest list, at least 1): ``ids``
+    (``pad`` after each list), ``attention`` (1 at the tokens, 0 at padding) and, when ``special`` (the lists'
+    special-tokens masks) is given, the special-tokens mask with the padding marked special (1), else None.
+    The one padding of the encoder and of the training tasks."""
+    width = max(1, max((len(x) for x in ids), default=0)) if width is None else width
+    out = np.full((len(ids), width), pad, dtype=np.int64)
+    attention = np.zeros((len(ids), width), dtype=np.int64)
+    marks = None if special is None else np.ones((len(ids), width), dtype=np.int64)
+    for i, x in enumerate(ids):
+        n = len(x)
+        out[i, :n] = x
+        attention[i, :n] = 1
+        if marks is not None:
+            marks[i, :n] = special[i]
+    return out, attention, marks
 
 
 class Encoder(torch.nn.Module):
@@ -103,7 +125,7 @@ class Encoder(torch.nn.Module):
         special = {getattr(tokenizer, f"{t}_token_id", None) for t in ("cls", "sep", "pad", "bos", "eos")}
         self.register_buffer("special_ids", torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long),
                              persistent=False)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(tokenizer)
 
     # ------------------------------------------------------------------ construction
 
@@ -136,7 +158,7 @@ class Encoder(torch.nn.Module):
             f"pass a train --output-dir, a model directory (config.json, weights, tokenizer) or a hub id as {option}"
         name = resolve_model(model, what, fix or EMBEDDER_FIX)
         if os.path.exists(name):
-            _check_model_dir(name, what, fix)
+            check_model_dir(name, what, fix)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         for part in ("model", "tokenizer"):
@@ -146,23 +168,22 @@ class Encoder(torch.nn.Module):
                         hf_model = AutoModel.from_pretrained(name, dtype=torch.float32)
                 else:
                     tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
-            except _load_errors() as e:
-                raise UserError(f"cannot load the {part} of {what} '{name}' ({_first_line(e)}); " + (
+            except load_errors() as e:
+                raise UserError(f"cannot load the {part} of {what} '{name}' ({first_line(e)}); " + (
                     fix or "pass a directory holding a Hugging Face model (config.json, weights, tokenizer) or a "
                            "hub id")) from None
         if not getattr(tokenizer, "is_fast", True):
             raise UserError(f"the tokenizer of '{name}' has no fast (Rust) version; convert it with "
                              "AutoTokenizer.from_pretrained(...).save_pretrained(...) after installing tokenizers")
 
-        found = _read_settings(name)
+        found = read_settings(name)
         explicit = {"pooling": pooling, "normalize": normalize, "max_length": max_length}
         settings = {k: v if v is not None else found.get(k) for k, v in explicit.items()}
         if settings["pooling"] is not None and settings["pooling"] not in POOLINGS:
             raise UserError(f"{name}: the saved pooling {settings['pooling']!r} is not supported; pass "
                              f"pooling= one of {', '.join(POOLINGS)} explicitly")
         if settings["max_length"] is None:
-            limits = [tokenizer.model_max_length, getattr(hf_model.config, "max_position_embeddings", None), 512]
-            settings["max_length"] = int(min(x for x in limits if x is not None))
+            settings["max_length"] = default_max_length(tokenizer, hf_model.config)
         encoder = cls(hf_model, tokenizer, pooling=settings["pooling"] or "mean",
                       normalize=bool(settings["normalize"]), max_length=int(settings["max_length"]),
                       compute_dtype=dtype)
@@ -347,14 +368,9 @@ class Encoder(torch.nn.Module):
             from tqdm.auto import tqdm
             batches = tqdm(batches, desc="embed", unit="batch")
         for rows, width in batches:
-            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)    # [b, width]
-            attention_mask = np.zeros((len(rows), width), dtype=np.int64)           # [b, width]
-            special = None if special_tokens_masks is None else np.ones((len(rows), width), dtype=np.int64)
-            for r, j in enumerate(rows):
-                input_ids[r, :lengths[j]] = ids[j]
-                attention_mask[r, :lengths[j]] = 1
-                if special is not None:
-                    special[r, :lengths[j]] = special_tokens_masks[j]
+            input_ids, attention_mask, special = pad_right(                         # [b, width] each
+                [ids[j] for j in rows], self.pad_id, width,
+                None if special_tokens_masks is None else [special_tokens_masks[j] for j in rows])
             batch = [torch.from_numpy(a) for a in (rows, input_ids, attention_mask, special) if a is not None]
             if cuda:
                 batch = [t.pin_memory().to(device, non_blocking=True) for t in batch]
@@ -362,124 +378,3 @@ class Encoder(torch.nn.Module):
                                 enabled=self.compute_dtype != torch.float32):
                 out[batch[0]] = self(*batch[1:])
         return out.cpu().numpy()
-
-
-# ---------------------------------------------------------------------- saving and loading
-
-
-def _check_model_dir(path: str, what: str = "embedder", fix: str | None = None) -> None:
-    """A local model must be a directory with config.json and a tokenizer (transformers would otherwise fail
-    with a misleading message, or, for a missing tokenizer, silently build one with an empty vocabulary).
-    A train --output-dir whose run has not finished (checkpoints, no final model) is named as such."""
-    fix = fix or "pass the directory that holds the whole model (config.json, weights, tokenizer), e.g. one saved " \
-                 "by Encoder.save"
-    if not os.path.isdir(path):
-        raise UserError(f"{what} '{path}' is a file, not a model directory; {fix}")
-    files = set(os.listdir(path))
-    has_config = "config.json" in files
-    has_tokenizer = bool(files & {"tokenizer.json", "vocab.txt", "vocab.json"}) or any(
-        f.endswith(".model") for f in files)  # spiece.model, sentencepiece.bpe.model, tokenizer.model
-    if not has_config:
-        from embedder.trainer import LOSS_LOG, list_checkpoints
-
-        found = list_checkpoints(path)
-        if found or LOSS_LOG in files:
-            newest = f"its newest checkpoint is {found[-1][1]}" if found else "it wrote no checkpoint yet"
-            again = "run the same train command with --resume latest to finish it" if found else \
-                "train again into it"
-            raise UserError(f"{what} '{path}' is a train --output-dir whose run has not finished: no final model yet "
-                            f"({newest}); {again}, or pass a finished one")
-    if not has_config and not has_tokenizer:
-        raise UserError(f"{what} directory '{path}' holds no Hugging Face model (no config.json, no tokenizer "
-                        f"files); {fix}")
-    if not has_config:
-        raise UserError(f"{what} directory '{path}' has a tokenizer but no model (no config.json and weights); "
-                        f"{fix}")
-    if not has_tokenizer:
-        raise UserError(f"{what} directory '{path}' has a model but no tokenizer (no tokenizer.json, vocab.txt, "
-                        f"vocab.json or *.model); save the tokenizer it was trained with into it "
-                        f"(tokenizer.save_pretrained), or {fix}")
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What ``from_pretrained`` raises for a model it cannot load: OSError (missing files, hub unreachable,
-    config.json not JSON), ValueError (unknown model type, bad tokenizer.json), TypeError/KeyError (odd
-    config.json), RuntimeError (weights that do not fit the config), and the typed errors of huggingface_hub's
-    config validation and of safetensors (a corrupt weights file)."""
-    errors: list[type[BaseException]] = [OSError, ValueError, TypeError, KeyError, RuntimeError]
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-
-        errors.append(StrictDataclassError)
-    except ImportError:  # older huggingface_hub: no config validation
-        pass
-    try:
-        from safetensors import SafetensorError
-
-        errors.append(SafetensorError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _first_line(e: BaseException) -> str:
-    """The error's type and the first line of its message, whole (plus the next line when the first only
-    introduces it, as in "Validation error for field 'x':")."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    text = lines[0]
-    if text.endswith(":") and len(lines) > 1:
-        text = f"{text} {lines[1]}"
-    return f"{type(e).__name__}: {text}"
-
-
-# ---------------------------------------------------------------------- settings files
-
-
-def _read_settings(name: str) -> dict:
-    """pooling / normalize / max_length from retro_pooling.json, else sentence-transformers files (see top)."""
-    found: dict = {}
-    modules = _read_json(name, "modules.json")
-    if modules is not None:
-        types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
-        found["normalize"] = "Normalize" in types
-        if "Pooling" in types:
-            cfg = _read_json(name, f"{types['Pooling'].get('path', '1_Pooling')}/config.json") or {}
-            found["pooling"] = _st_pooling(cfg)
-        st = _read_json(name, "sentence_bert_config.json") or {}
-        if st.get("max_seq_length"):
-            found["max_length"] = int(st["max_seq_length"])
-        if st.get("do_lower_case"):
-            log.warning("%s: sentence_bert_config.json asks to lowercase texts; embedder.Encoder does not "
-                        "(lowercase them before encoding)", name)
-    ours = _read_json(name, SETTINGS_FILE) or {}
-    found.update({k: v for k, v in ours.items() if k in ("pooling", "normalize", "max_length") and v is not None})
-    return found
-
-
-def _st_pooling(cfg: dict):
-    """The pooling named by a sentence-transformers Pooling config (old boolean keys or new 'pooling_mode')."""
-    mode = cfg.get("pooling_mode")
-    if mode is None:
-        modes = [k for k in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
-                             "weightedmean_tokens", "lasttoken") if cfg.get(f"pooling_mode_{k}")]
-        mode = modes[0] if len(modes) == 1 else modes
-    return {"cls_token": "cls", "mean_tokens": "mean"}.get(mode, mode) if isinstance(mode, str) else mode
-
-
-def _read_json(name: str, filename: str):
-    """A JSON file of a model directory or hub repository, or None when it has none."""
-    if os.path.isdir(name):
-        path = os.path.join(name, filename)
-        path = path if os.path.isfile(path) else None
-    else:
-        from transformers.utils import cached_file
-        try:
-            path = cached_file(name, filename, _raise_exceptions_for_missing_entries=False)
-        except OSError:
-            path = None
-    if path is None:
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

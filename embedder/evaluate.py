@@ -48,10 +48,10 @@ def search(queries: np.ndarray, documents: np.ndarray, depth: int, backend: str 
         return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
     if backend == "auto":
         try:
-            import faiss  # noqa: F401
-            backend = "faiss"
+            import faiss
         except ImportError:
-            backend = "numpy"
+            faiss = None
+        backend = "numpy" if faiss is None else "faiss"
     if backend == "faiss":
         import faiss
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.errors import first_line
 from retro_pipeline import arrays
 from retro_pipeline.errors import RetroError
 from retro_pipeline.inputs import Inputs
@@ -210,11 +211,6 @@ _FIXES = {
 }
 
 
-def _first_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message, whole."""
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-
-
 def _from_hub(spec: str, what: str):
     from embedder.settings import hub_problem, in_hub_cache
 
@@ -229,7 +225,7 @@ def _from_hub(spec: str, what: str):
         return transformers.AutoTokenizer.from_pretrained(spec).backend_tokenizer
     except Exception as e:  # unknown id, gated repository, slow-only tokenizer ...
         raise RetroError(f"{what} '{spec}' is not a file or directory, and the Hugging Face hub cannot give "
-                         f"it ({type(e).__name__}: {_first_line(e)}); {fix}") from None
+                         f"it ({first_line(e)}); {fix}") from None
 
 
 def _looks_like_hub_id(spec: str) -> bool:

@@ -134,12 +134,11 @@ class ContrastiveTask(Task):
         if self._tokenizer is None:
             from transformers import AutoConfig, AutoTokenizer
 
-            from embedder.encoder import _read_settings
-            from embedder.settings import MODEL_FIX, resolve_model
+            from embedder.settings import MODEL_FIX, read_settings, resolve_model
 
             name = resolve_model(self.options.model, "--model", MODEL_FIX)
             self._tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
-            limit = _read_settings(name).get("max_length")
+            limit = read_settings(name).get("max_length")
             if limit is None:
                 positions = getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
                 limit = min(x for x in (self._tokenizer.model_max_length, positions, 512) if x is not None)

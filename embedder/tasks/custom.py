@@ -31,7 +31,7 @@ import os
 import torch
 from torch import nn
 
-from embedder.errors import UserError
+from embedder.errors import UserError, first_line
 from embedder.tasks.base import TaskOptions
 from embedder.tasks.retromae import RetroMAEModel, RetroMAETask, encoder_tokenizer, mlm_head, need_leading_special, \
     need_mask_token
@@ -59,18 +59,17 @@ class CustomModel(RetroMAEModel):
 def _config(name: str, what: str):
     from transformers import AutoConfig
 
-    from embedder.encoder import _check_model_dir, _first_line, _load_errors
-    from embedder.settings import MODEL_FIX, resolve_model
+    from embedder.settings import MODEL_FIX, check_model_dir, load_errors, resolve_model
 
     fix = MODEL_FIX if what == "--model" else f"pass a model directory (config.json, weights, tokenizer) or a hub " \
                                               f"id as {what}"
     path = resolve_model(name, what, fix)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        _check_model_dir(path, what, fix)
+        check_model_dir(path, what, fix)
     try:
         return path, AutoConfig.from_pretrained(path)
-    except _load_errors() as e:
-        raise UserError(f"cannot load the config of {what} '{path}' ({_first_line(e)})") from None
+    except load_errors() as e:
+        raise UserError(f"cannot load the config of {what} '{path}' ({first_line(e)})") from None
 
 
 class CustomTask(RetroMAETask):
@@ -100,33 +99,34 @@ class CustomTask(RetroMAETask):
         return main_path, main_cfg, doc_path, doc_cfg
 
     def _load_tokenizer(self):
-        from embedder.encoder import _read_settings
+        from embedder.settings import read_settings
 
         _, _, doc_path, doc_cfg = self.check_vocabularies()
         tokenizer, limit = encoder_tokenizer(self.options.model)
         need_mask_token(tokenizer, f"'{self.options.model}'")
         need_leading_special(tokenizer, f"'{self.options.model}'")
-        limits = [limit, getattr(doc_cfg, "max_position_embeddings", None), _read_settings(doc_path).get("max_length")]
+        limits = [limit, getattr(doc_cfg, "max_position_embeddings", None), read_settings(doc_path).get("max_length")]
         return tokenizer, int(min(x for x in limits if x is not None))
 
     def build(self, device) -> CustomModel:
         from transformers import AutoModel, AutoTokenizer
 
-        from embedder.encoder import Encoder, _first_line, _load_errors, _read_settings
+        from embedder.encoder import Encoder
+        from embedder.settings import load_errors, read_settings
 
         main_path, _, doc_path, _ = self.check_vocabularies()
         tokenizer, limit = self.tokenizer_and_limit()
         try:
             main = AutoModel.from_pretrained(main_path, dtype=torch.float32)
-        except _load_errors() as e:
-            raise UserError(f"cannot load the main model '{main_path}' ({_first_line(e)})") from None
+        except load_errors() as e:
+            raise UserError(f"cannot load the main model '{main_path}' ({first_line(e)})") from None
         try:
             doc = AutoModel.from_pretrained(doc_path, dtype=torch.float32)
-        except _load_errors() as e:
-            raise UserError(f"cannot load the document encoder '{doc_path}' ({_first_line(e)})") from None
+        except load_errors() as e:
+            raise UserError(f"cannot load the document encoder '{doc_path}' ({first_line(e)})") from None
         try:
             doc_tokenizer = AutoTokenizer.from_pretrained(doc_path, use_fast=True)
-        except (*_load_errors(), AttributeError):  # no tokenizer of its own: nothing to compare
+        except (*load_errors(), AttributeError):  # no tokenizer of its own: nothing to compare
             doc_tokenizer = None
         if doc_tokenizer is not None and doc_tokenizer.get_vocab() != tokenizer.get_vocab():
             log.warning("task custom: the document encoder '%s' has a tokenizer of its own that differs from the "
@@ -136,7 +136,7 @@ class CustomTask(RetroMAETask):
         if embeddings is None:
             raise UserError(f"the main model '{main_path}' (model type {main.config.model_type!r}) has no "
                             f"'embeddings' layer for the decoder; use a BERT-like main model")
-        normalize = bool(_read_settings(doc_path).get("normalize") or False)
+        normalize = bool(read_settings(doc_path).get("normalize") or False)
         encoder = Encoder(doc, tokenizer, pooling="cls", normalize=normalize, max_length=limit)
         module = CustomModel(encoder, head, limit, vocab_embeddings=embeddings, vocab_config=main.config)
         del main  # its transformer layers are not used: only its embeddings (and the head tied to them) stay

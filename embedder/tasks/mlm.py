@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedder.errors import UserError
+from embedder.errors import UserError, first_line
 from embedder.tasks.base import TaskOptions
 from embedder.tasks.retromae import MaskedTextTask, as_tensors, encoder_tokenizer, masked_lm_batch, \
     masked_lm_loss, mlm_head, need_mask_token
@@ -59,15 +59,15 @@ def load_tokenizer(spec: str):
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from embedder.encoder import _first_line, _load_errors
+    from embedder.settings import load_errors
 
     path = os.path.expanduser(str(spec))
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             try:
                 return AutoTokenizer.from_pretrained(path, use_fast=True)
-            except _load_errors() as e:
-                raise UserError(f"cannot load the tokenizer '{path}' ({_first_line(e)})") from None
+            except load_errors() as e:
+                raise UserError(f"cannot load the tokenizer '{path}' ({first_line(e)})") from None
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
             raise UserError(f"tokenizer directory '{path}' has no tokenizer.json (nor tokenizer_config.json); pass "
@@ -82,7 +82,7 @@ def load_tokenizer(spec: str):
 
         raw = Tokenizer.from_file(file)
     except Exception as e:  # the Rust library raises a bare Exception for a bad file
-        raise UserError(f"cannot read the tokenizer file '{file}' ({_first_line(e)})") from None
+        raise UserError(f"cannot read the tokenizer file '{file}' ({first_line(e)})") from None
     vocab = raw.get_vocab(with_added_tokens=True)
     specials = {}
     for role, names in _SPECIAL_NAMES.items():
@@ -114,7 +114,7 @@ def build_config(spec, tokenizer):
     """A transformers config from ``spec`` (see the module docstring) fitted to ``tokenizer``."""
     from transformers import AutoConfig
 
-    from embedder.encoder import _first_line, _load_errors
+    from embedder.settings import load_errors
 
     raw, where = _read_config_dict(spec)
     model_type = raw.get("model_type")
@@ -137,8 +137,8 @@ def build_config(spec, tokenizer):
     kwargs = {k: v for k, v in raw.items() if k not in _CONFIG_IGNORED}
     try:
         return AutoConfig.for_model(model_type, **kwargs)
-    except _load_errors() as e:
-        raise UserError(f"{where}: cannot build a {model_type!r} config ({_first_line(e)})") from None
+    except load_errors() as e:
+        raise UserError(f"{where}: cannot build a {model_type!r} config ({first_line(e)})") from None
 
 
 def scratch_tokenizer(options: TaskOptions):
@@ -158,13 +158,11 @@ def scratch_model(config, options: TaskOptions):
     """A random-init base model (``AutoModel``) of ``config``, seeded by the caller's torch RNG."""
     from transformers import AutoModel
 
-    from embedder.encoder import _first_line
-
     try:
         return AutoModel.from_config(config)
     except (ValueError, KeyError, TypeError, AssertionError, RuntimeError) as e:
         raise UserError(f"cannot build a {config.model_type!r} encoder from model_config "
-                        f"'{options.model_config}' ({_first_line(e)})") from None
+                        f"'{options.model_config}' ({first_line(e)})") from None
 
 
 class MLMModel(nn.Module):

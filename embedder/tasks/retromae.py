@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedder.errors import UserError
+from embedder.errors import UserError, first_line
 from embedder.masking import IGNORE, enhanced_decoding_mask, mask_tokens
 from embedder.tasks.base import Task, TaskOptions
 
@@ -149,18 +149,17 @@ def encoder_tokenizer(model: str | None):
     weights (for a collate that runs before or without :meth:`Task.build`)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from embedder.encoder import _check_model_dir, _first_line, _load_errors, _read_settings
-    from embedder.settings import MODEL_FIX, resolve_model
+    from embedder.settings import MODEL_FIX, check_model_dir, load_errors, read_settings, resolve_model
 
     name = resolve_model(model, "--model", MODEL_FIX)
     if os.path.exists(name):
-        _check_model_dir(name, "--model", MODEL_FIX)
+        check_model_dir(name, "--model", MODEL_FIX)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
         positions = getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
-    except _load_errors() as e:
-        raise UserError(f"cannot load the tokenizer of '{name}' ({_first_line(e)})") from None
-    limit = _read_settings(name).get("max_length")
+    except load_errors() as e:
+        raise UserError(f"cannot load the tokenizer of '{name}' ({first_line(e)})") from None
+    limit = read_settings(name).get("max_length")
     if limit is None:
         limit = min(x for x in (tokenizer.model_max_length, positions, 512) if x is not None)
     return tokenizer, int(limit)
@@ -209,7 +208,7 @@ def mlm_head(base: nn.Module, source: str | None = None) -> nn.Module:
     order; its output matrix is tied to ``base``'s input embeddings when the config ties them."""
     from transformers import AutoModelForMaskedLM
 
-    from embedder.encoder import _first_line, _load_errors
+    from embedder.settings import load_errors
 
     config = base.config
     archs = getattr(config, "architectures", None) or []
@@ -219,9 +218,9 @@ def mlm_head(base: nn.Module, source: str | None = None) -> nn.Module:
             AutoModelForMaskedLM.from_config(config)
     except ValueError as e:
         raise UserError(f"model type {config.model_type!r} has no masked-LM head in transformers "
-                        f"({_first_line(e)}); use a BERT-like encoder") from None
-    except _load_errors() as e:
-        raise UserError(f"cannot load the masked-LM head of '{source}' ({_first_line(e)})") from None
+                        f"({first_line(e)}); use a BERT-like encoder") from None
+    except load_errors() as e:
+        raise UserError(f"cannot load the masked-LM head of '{source}' ({first_line(e)})") from None
     prefix = lm.base_model_prefix
     children = dict(lm.named_children())
     # modules registered out of forward order: DistilBERT registers its activation first
