@@ -3,40 +3,22 @@
 Each stage names the files it reads (``Stage.input_files``); a workdir records them in ``config.json`` on
 its first run (``inputs``) and every later command compares:
 a corpus rewritten in place, or a tokenizer or embedder replaced, is refused with the file's name instead of
-being used as if nothing changed. The content hash reads a file whole up to 8 MiB, else its size plus 16
-evenly spaced 256 KiB pieces and its last 256 KiB (a rewrite that keeps the size and every sampled piece
-would go unseen; a re-tokenized corpus changes its ``.idx``, which is read whole up to 8 MiB). A file whose
-size and mtime are both unchanged is not read again.
+being used as if nothing changed. The content hash and which files of a model directory count are the
+embedder's (:mod:`embedder.model_files`, the one rule of both packages): a file is read whole up to 8 MiB, else
+its size plus 16 evenly spaced 256 KiB pieces and its last 256 KiB (a rewrite that keeps the size and every
+sampled piece would go unseen; a re-tokenized corpus changes its ``.idx``, which is read whole up to 8 MiB).
+A file whose size and mtime are both unchanged is not read again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from embedder.model_files import content_hash
+from embedder.model_files import model_files as model_directory_files
 from retro_pipeline.errors import RetroError
-
-WHOLE = 8 << 20
-PIECE = 256 << 10
-PIECES = 16
-
-
-def content_hash(path: str | os.PathLike) -> str:
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= WHOLE:
-            h.update(f.read())
-        else:
-            for k in range(PIECES):
-                f.seek(k * (size - PIECE) // (PIECES - 1) if k else 0)
-                h.update(f.read(PIECE))
-            f.seek(size - PIECE)
-            h.update(f.read(PIECE))
-    return "sha256-sampled:" + h.hexdigest()[:32]
 
 
 def file_record(path: str | os.PathLike) -> dict[str, Any]:
@@ -45,7 +27,8 @@ def file_record(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_files(spec: str | None, kind: str) -> list[Path]:
-    """The files a tokenizer or model spec reads: a file, every file under a directory, the packaged files."""
+    """The files a tokenizer or model spec reads: a file, a directory's model files
+    (:func:`embedder.model_files.model_files`), the packaged files."""
     if kind == "embedder" and not spec:
         from embedder.settings import default_model_path
 
@@ -61,27 +44,9 @@ def model_files(spec: str | None, kind: str) -> list[Path]:
     p = Path(spec or "").expanduser()
     if p.is_file():
         return [p.absolute()]
-    if p.is_dir():
-        entries = [p]
-        if kind == "embedder":
-            entries = _trained_model_entries(p) or entries
-        return sorted(q.absolute() for e in entries for q in ([e] if e.is_file() else e.rglob("*"))
-                      if q.is_file() and not q.name.startswith("."))
+    if p.is_dir():   # a model or tokenizer directory: its model files (a training run's final model, not its logs)
+        return [q.absolute() for q in model_directory_files(p)]
     return []  # a hub id: its files live in the hub cache, pinned by the id
-
-
-def _trained_model_entries(directory: Path) -> list[Path]:
-    """For a ``retro-pipeline train`` output directory, the entries its final save wrote (listed in the
-    trainer's manifest): the model, not the checkpoints and logs beside it, which a build does not read."""
-    from embedder.trainer import MODEL_MANIFEST
-
-    try:
-        names = json.loads((directory / MODEL_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n for n in names):
-        return []
-    return [directory / n for n in names]
 
 
 def record_inputs(files) -> dict[str, dict]:
