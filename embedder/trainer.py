@@ -24,17 +24,18 @@ rows):
 6. The logged loss is the global-batch mean (all-reduced over workers), written with the LR to
    ``output_dir/loss_log.jsonl`` (one JSON object per step) and, when asked, to TensorBoard.
 
-Checkpoints: every ``save_every`` steps (and at the last step of a run) rank 0 writes
-``output_dir/checkpoints/step-<N>/`` atomically: ``trainer_state.pt`` (model, optimizer, scheduler,
+Checkpoints (:mod:`embedder.checkpoints`): every ``save_every`` steps (and at the last step of a run) rank 0
+writes ``output_dir/checkpoints/step-<N>/`` atomically: ``trainer_state.pt`` (model, optimizer, scheduler,
 GradScaler, step, RNG states; loaded with ``torch.load(weights_only=True)``), ``sampler.json`` and
 ``meta.json``. ``resume`` ("latest" or a checkpoint directory) continues exactly: on CPU the resumed run's
 final weights equal an uninterrupted run's bit for bit (same settings, same worker count). ``resume="latest"``
 with no checkpoint is refused, and so is a run without ``resume`` into an ``output_dir`` that holds
-checkpoints (:func:`refuse_existing_run`; the ``train`` command also refuses one that holds a finished model).
+checkpoints (:func:`~embedder.checkpoints.refuse_existing_run`; the ``train`` command also refuses one that
+holds a finished model). Ray Train's workers are started by :mod:`embedder.train_ray`.
 
-At the end rank 0 saves the encoder (``task.save``: only the encoder) into ``output_dir``, next to
-``checkpoints/``, ``loss_log.jsonl`` and ``training_args.json``; ``embedder.Encoder.load(output_dir)`` and
-``retro-pipeline build --embedder output_dir`` take it.
+At the end rank 0 saves the encoder (``task.save``: only the encoder; :func:`~embedder.checkpoints.save_model`)
+into ``output_dir``, next to ``checkpoints/``, ``loss_log.jsonl`` and ``training_args.json``;
+``embedder.Encoder.load(output_dir)`` and ``retro-pipeline build --embedder output_dir`` take it.
 
 Equivalence of worker counts: with the same global batch, N workers give the one-worker loss curve to float
 noise (measured on CPU: tiny BERT, in-batch InfoNCE through ``gather``, 2 workers vs 1, largest relative
@@ -48,16 +49,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import random
-import re
-import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,22 +61,27 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from embedder.atomic import atomic_dir, atomic_path
+from embedder.atomic import atomic_path
+from embedder.checkpoints import (CHECKPOINTS, LOSS_LOG, META_FILE, MODEL_MANIFEST, SAMPLER_FILE, STATE_FILE,
+                                  TRAINING_ARGS, TRAINING_OUTPUTS, _check_resumable, _local_path, _set_rng_state,
+                                  checkpoint_dir, finished_model, input_digests, list_checkpoints,
+                                  refuse_existing_run, resolve_resume, save_checkpoint, save_model)
 from embedder.errors import UserError
 from embedder.settings import no_hf_bars
 from embedder.tasks.base import Task, TaskOptions
+from embedder.train_ray import Gather, _train_ray
 
 log = logging.getLogger(__name__)
 
+# Re-exported: the output directory's names and checkpoint functions live in embedder.checkpoints, Ray Train
+# runs in embedder.train_ray; callers import them from here as well.
+__all__ = ["CHECKPOINTS", "LOSS_LOG", "META_FILE", "MODEL_MANIFEST", "PRECISIONS", "SAMPLER_FILE", "STATE_FILE",
+           "TRAINING_ARGS", "TRAINING_OUTPUTS", "Gather", "TrainConfig", "absolute_paths", "check_config",
+           "checkpoint_dir", "finished_model", "input_digests", "linear_warmup_decay", "list_checkpoints",
+           "make_sampler", "read_rows", "refuse_existing_run", "resolve_resume", "save_checkpoint", "save_model",
+           "task_class", "train"]
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-CHECKPOINTS = "checkpoints"
-LOSS_LOG = "loss_log.jsonl"
-TRAINING_ARGS = "training_args.json"
-STATE_FILE = "trainer_state.pt"
-SAMPLER_FILE = "sampler.json"
-META_FILE = "meta.json"
-MODEL_MANIFEST = ".model_files.json"   # which entries of output_dir the last final save wrote
-TRAINING_OUTPUTS = {CHECKPOINTS, LOSS_LOG, TRAINING_ARGS, MODEL_MANIFEST}   # beside the model in output_dir
 
 
 @dataclass
@@ -245,240 +246,7 @@ def _summary_writer_class():
     return SummaryWriter
 
 
-# ====================================================================== checkpoints
-
-
-def checkpoint_dir(output_dir: str, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"step-{step}"
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
-    """(step, directory) of the complete checkpoints under output_dir/checkpoints, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file() and (p / META_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def finished_model(output_dir: str) -> bool:
-    """Whether ``output_dir`` holds the final model of a finished run (:func:`save_model`'s manifest)."""
-    return (Path(output_dir) / MODEL_MANIFEST).is_file() or (Path(output_dir) / TRAINING_ARGS).is_file()
-
-
-def refuse_existing_run(cfg: TrainConfig, finished: bool = True) -> None:
-    """A run without ``resume`` starts at step 0: it must not write its checkpoints beside an earlier run's
-    (step-4 over the old step-4, next to the old step-8, which a later ``--resume latest`` would then take),
-    nor, with ``finished``, train over an earlier run's final model. Either is a :class:`UserError` naming
-    ``output_dir`` and the fix. (The Python API refuses checkpoints only; the ``train`` command both.)"""
-    found = list_checkpoints(cfg.output_dir)
-    done = finished and finished_model(cfg.output_dir)
-    if found:
-        what = f"checkpoints of an earlier run (newest: {found[-1][1]})" + (" and its final model" if done else "")
-        raise UserError(f"--output-dir {cfg.output_dir} already holds {what}; continue that run with --resume "
-                        f"latest, or pass another or an empty --output-dir to start a new one")
-    if done:
-        raise UserError(f"--output-dir {cfg.output_dir} already holds the final model of a finished run (and no "
-                        f"checkpoint to resume from); pass another or an empty --output-dir (to train that model "
-                        f"further: --model {cfg.output_dir} and a new --output-dir)")
-
-
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint directory ``cfg.resume`` names (None: start fresh). ``latest`` with no checkpoint under
-    ``output_dir`` is a :class:`UserError` (it does not quietly start over)."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "latest":
-        found = list_checkpoints(cfg.output_dir)
-        if not found:
-            where = Path(cfg.output_dir) / CHECKPOINTS
-            if finished_model(cfg.output_dir):
-                raise UserError(f"--resume latest: no checkpoint under {where} (the run there finished without "
-                                f"--save-every); to train its model further pass --model {cfg.output_dir} and a "
-                                f"new --output-dir, without --resume")
-            raise UserError(f"--resume latest: no checkpoint under {where} to continue from (checkpoints are "
-                            f"written by --save-every N and --stop-after N); leave --resume out to start from step 0")
-        return found[-1][1]
-    p = Path(cfg.resume)
-    if (p / CHECKPOINTS).is_dir() and not (p / STATE_FILE).exists():  # an output dir: its latest checkpoint
-        found = list_checkpoints(str(p))
-        if found:
-            return found[-1][1]
-    if not (p / STATE_FILE).is_file() or not (p / META_FILE).is_file():
-        raise UserError(f"--resume {cfg.resume}: not a checkpoint directory (no {STATE_FILE} and {META_FILE}); "
-                        f"pass a {CHECKPOINTS}/step-<N> directory of an earlier run, or 'latest'")
-    return p
-
-
-def _rng_state() -> dict:
-    import torch
-
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def save_checkpoint(cfg: TrainConfig, step: int, module, optimizer, scheduler, scaler, sampler,
-                    inputs: dict[str, str]) -> Path:
-    import torch
-
-    target = checkpoint_dir(cfg.output_dir, step)
-    with atomic_dir(target) as tmp:
-        torch.save({"step": step, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state()},
-                   tmp / STATE_FILE)
-        with open(tmp / SAMPLER_FILE, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(sampler.state_dict()), f)
-        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-            json.dump({"step": step, "task": cfg.task_name(), "batch_size": cfg.batch_size, "seed": cfg.seed,
-                       "grad_accum": cfg.grad_accum, "num_workers": cfg.num_workers, "max_steps": cfg.max_steps,
-                       "train_file": os.path.abspath(cfg.train_file), **_model_spec(cfg),
-                       "inputs": inputs, "time": time.time()},
-                      f, indent=2)
-    if cfg.keep_checkpoints:
-        for _, old in list_checkpoints(cfg.output_dir)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def _model_spec(cfg: TrainConfig) -> dict:
-    """What the trained model is built from (checkpoint meta; a resume must name the same): local paths made
-    absolute, hub ids and None as given."""
-    spec = {}
-    for key in ("model", "model_config", "tokenizer", "document_model"):
-        value = _local_path(getattr(cfg.options, key))
-        if isinstance(value, (str, type(None))):
-            spec[key] = value
-    return spec
-
-
-# Files of a model directory that a resume does not need unchanged: the weights (the checkpoint holds the
-# trained ones; a shape change is caught when they load) and what training itself writes beside a model.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
-_HASH_WHOLE = 64 * 1024**2   # files up to this size are hashed whole; larger ones by their size and 3 samples
-_HASH_SAMPLE = 4 * 1024**2
-
-
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= _HASH_WHOLE:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            for at in (0, size // 2 - _HASH_SAMPLE // 2, size - _HASH_SAMPLE):
-                f.seek(at)
-                h.update(f.read(_HASH_SAMPLE))
-    return h.hexdigest()
-
-
-def _model_files(directory: Path) -> list[Path]:
-    """A model directory's files that define the model besides its weights (config, tokenizer, pooling)."""
-    out = []
-    for q in sorted(directory.rglob("*")):
-        rel = q.relative_to(directory).parts
-        if q.is_file() and rel[0] not in TRAINING_OUTPUTS and not any(p.startswith(".") for p in rel) \
-                and not q.name.endswith(_WEIGHT_SUFFIXES):
-            out.append(q)
-    return out
-
-
-def input_digests(cfg: TrainConfig) -> dict[str, str]:
-    """Content digests of what a run reads (checkpoint meta; a resume refuses when one changed): the training
-    file, and each local --model / --model-config / --tokenizer / --document-model but for model weights.
-    Hub ids are pinned by their id (:func:`_model_spec`)."""
-    out = {"train_file": _file_digest(Path(cfg.train_file))}
-    for key in ("model", "model_config", "tokenizer", "document_model"):
-        value = getattr(cfg.options, key)
-        p = Path(os.path.expanduser(value)) if isinstance(value, str) else None
-        if p is not None and p.is_file():
-            out[key] = _file_digest(p)
-        elif p is not None and p.is_dir():
-            h = hashlib.sha256()
-            for q in _model_files(p):
-                h.update(f"{q.relative_to(p).as_posix()}\0{_file_digest(q)}\0".encode())
-            out[key] = h.hexdigest()
-    return out
-
-
-_OPTION_NAMES = {"train_file": "--train-file", "model": "--model", "model_config": "--model-config",
-                 "tokenizer": "--tokenizer", "document_model": "--document-model"}
-
-
-def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int, inputs: dict[str, str]) -> None:
-    spec = [(k, v) for k, v in _model_spec(cfg).items() if k in meta]   # older checkpoints lack these keys
-    spec += [("train_file", os.path.abspath(cfg.train_file))] if "train_file" in meta else []
-    for key, now in [("task", cfg.task_name()), ("batch_size", cfg.batch_size), ("seed", cfg.seed)] + spec:
-        if meta.get(key) != now:
-            raise UserError(f"--resume {where}: that checkpoint was written with {key}={meta.get(key)!r}, this run "
-                            f"has {key}={now!r}; resume with the same settings or start a new --output-dir")
-    for key, then in (meta.get("inputs") or {}).items():
-        if inputs.get(key) != then:
-            what = "file" if key in ("train_file", "model_config") else "files"
-            raise UserError(f"--resume {where}: {_OPTION_NAMES.get(key, key)} {meta.get(key) or ''}: its {what} "
-                            f"changed since that checkpoint was written (content digest differs); resume with the "
-                            f"inputs the run started from, or start a new --output-dir")
-    for key in ("grad_accum", "num_workers"):
-        if meta.get(key) != getattr(cfg, key):
-            log.warning("--resume %s: %s was %s, now %s: the run goes on, but not exactly as it would have",
-                        where, key, meta.get(key), getattr(cfg, key))
-    if meta["step"] >= max_steps:
-        log.warning("--resume %s: the checkpoint is at step %d, max steps is %d: nothing left to train",
-                    where, meta["step"], max_steps)
-
-
-# ====================================================================== distributed helpers
-
-
-class Gather:
-    """``gather(t)``: the concatenation (dim 0, rank order) of ``t`` [n, ...] from every worker (workers may
-    hold different n); backward all-reduces (sums) the gradient of the result and returns the local rows'
-    slice, so each worker's rows get the gradient of every worker's loss. With DDP's gradient averaging the
-    update is then the one-worker update of the whole global batch. ``rank``/``world_size`` are attributes
-    (the losses read ``gather.rank``)."""
-
-    def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
-
-    def __call__(self, t):
-        from embedder.losses import gather_with_grad
-
-        return gather_with_grad(t)
+# ====================================================================== the loop's helpers
 
 
 def _to_device(obj, device):
@@ -724,43 +492,6 @@ def _open_loss_log(path: Path, start: int):
     return open(path, "a", encoding="utf-8")
 
 
-def save_model(task: Task, module, output_dir: str) -> None:
-    """``task.save`` into ``output_dir`` without touching its checkpoints and logs: the task saves (atomically)
-    into a staging directory beside them, whose entries are then moved in one by one (``os.replace``);
-    entries an earlier final save wrote and this one does not are removed."""
-    out = Path(os.path.abspath(output_dir))
-    staging = out / f".model.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        with warnings.catch_warnings(record=True) as caught:   # said of the output directory, not the staging one
-            warnings.simplefilter("always")
-            task.save(getattr(module, "module", module), str(staging))
-        for w in caught:
-            log.warning("%s", str(w.message).replace(str(staging), str(out)))
-        names = sorted(os.listdir(staging))
-        clash = [n for n in names if n in TRAINING_OUTPUTS]
-        if clash:
-            raise RuntimeError(f"task.save wrote {clash}, names the trainer keeps for itself")
-        previous = []
-        with contextlib.suppress(OSError, ValueError):
-            previous = json.loads((out / MODEL_MANIFEST).read_text())
-        for name in names:
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
-        for name in set(previous) - set(names) - TRAINING_OUTPUTS:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
-        with atomic_path(out / MODEL_MANIFEST) as tmp:
-            tmp.write_text(json.dumps(names))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 # ====================================================================== entry points
 
 
@@ -784,14 +515,8 @@ def train(cfg: TrainConfig) -> dict:
                 raise UserError("use_gpu was asked for but CUDA is not available here")
             device = torch.device("cuda" if cuda else "cpu")
         return _train_loop(cfg, 0, 1, device)
-    return _train_ray(cfg)
+    return _train_ray(cfg, _train_loop)
 
-
-def _local_path(value):
-    """A path that exists here, made absolute; anything else (a hub id, None) as given."""
-    if isinstance(value, str) and os.path.exists(os.path.expanduser(value)):
-        return os.path.abspath(os.path.expanduser(value))
-    return value
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -807,81 +532,3 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, train_file=absolute(cfg.train_file), output_dir=absolute(cfg.output_dir),
                                tensorboard=absolute(cfg.tensorboard), options=options,
                                resume=cfg.resume if cfg.resume in (None, "latest") else absolute(cfg.resume))
-
-
-def _ray_worker(config: dict):
-    import ray.train
-    import torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg: TrainConfig = config["cfg"]
-    if cfg.use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    summary = _train_loop(cfg, rank, world, device)
-    return summary if rank == 0 else None   # Result.return_value: rank 0's return value
-
-
-def _train_ray(cfg: TrainConfig) -> dict:
-    import ray
-
-    from embedder.ray_session import ensure_ray
-
-    started = not ray.is_initialized()   # a Ray this call starts (or joins) is left again at the end
-    ensure_ray(cfg.address, num_cpus=max(os.cpu_count() or 1, cfg.num_workers), object_store_memory=200 * 1024**2)
-    try:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        use_gpu = cfg.use_gpu
-        if use_gpu is None:
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        have = ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0)
-        if have < cfg.num_workers:
-            raise UserError(f"--num-workers {cfg.num_workers}: the Ray cluster has {have:g} "
-                            f"{'GPU' if use_gpu else 'CPU'}s, fewer than one per worker; use fewer workers or a "
-                            f"bigger cluster")
-        cfg = dataclasses.replace(cfg, use_gpu=use_gpu, progress=cfg.progress)
-        out = os.path.abspath(cfg.output_dir)
-        os.makedirs(out, exist_ok=True)
-        trainer = TorchTrainer(
-            _ray_worker, train_loop_config={"cfg": cfg},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
-            run_config=RunConfig(name=f"train-{cfg.task_name()}-{os.getpid()}-{int(time.time())}",
-                                 storage_path=os.path.join(out, ".ray_train"),
-                                 failure_config=FailureConfig(max_failures=0)))
-        try:
-            result = trainer.fit()
-        except Exception as e:  # noqa: BLE001 - a worker's UserError becomes ours again
-            user = _find_user_error(e)
-            if user is not None:
-                raise UserError(str(user)) from None
-            raise
-        summary = getattr(result, "return_value", None) or {}
-        shutil.rmtree(os.path.join(out, ".ray_train"), ignore_errors=True)
-        return summary
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _find_user_error(e: BaseException, depth: int = 0) -> BaseException | None:
-    if e is None or depth > 8:
-        return None
-    if isinstance(e, UserError):
-        return e
-    candidates = list(getattr(e, "worker_failures", {}).values()) if hasattr(e, "worker_failures") else []
-    candidates += [getattr(e, "_base_exc", None), getattr(e, "cause", None), getattr(e, "controller_failure", None), e.__cause__, e.__context__]
-    for c in candidates:
-        if isinstance(c, BaseException):
-            found = _find_user_error(c, depth + 1)
-            if found is not None:
-                return found
-    return None
