@@ -5,7 +5,8 @@ continue from one (:mod:`embedder.trainer` runs the loop that writes them).
 ``trainer_state.pt`` with the model, optimizer, scheduler, GradScaler, step and RNG states, loaded with
 ``torch.load(weights_only=True)``; ``sampler.json``, the batch sampler's state; ``meta.json``, the settings
 and input digests a resume is checked against), ``loss_log.jsonl``, ``training_args.json`` and the manifest
-of the entries the last final save wrote (:func:`save_model`); their names are :mod:`embedder.model_files`'s.
+of the entries the last final save wrote (:func:`save_model`). Which files of a model directory count, and
+their content digest, are :mod:`embedder.model_files`'s (the rule the pipeline pins a build's model by).
 
 Nothing here imports torch at module level, nor :mod:`embedder.trainer`.
 """
@@ -29,7 +30,8 @@ import numpy as np
 
 from embedder.atomic import atomic_dir, atomic_path
 from embedder.errors import UserError
-from embedder.model_files import CHECKPOINTS, LOSS_LOG, MODEL_MANIFEST, TRAINING_ARGS, TRAINING_OUTPUTS
+from embedder.model_files import (CHECKPOINTS, DIGEST_PREFIX, LOSS_LOG, MODEL_MANIFEST, TRAINING_ARGS,
+                                  TRAINING_OUTPUTS, WEIGHT_SUFFIXES, content_hash, model_files)
 
 if TYPE_CHECKING:
     from embedder.tasks.base import Task
@@ -201,53 +203,23 @@ def _model_spec(cfg: TrainConfig) -> dict:
     return spec
 
 
-# Files of a model directory that a resume does not need unchanged: the weights (the checkpoint holds the
-# trained ones; a shape change is caught when they load) and what training itself writes beside a model.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
-_HASH_WHOLE = 64 * 1024**2   # files up to this size are hashed whole; larger ones by their size and 3 samples
-_HASH_SAMPLE = 4 * 1024**2
-
-
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= _HASH_WHOLE:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            for at in (0, size // 2 - _HASH_SAMPLE // 2, size - _HASH_SAMPLE):
-                f.seek(at)
-                h.update(f.read(_HASH_SAMPLE))
-    return h.hexdigest()
-
-
-def _model_files(directory: Path) -> list[Path]:
-    """A model directory's files that define the model besides its weights (config, tokenizer, pooling)."""
-    out = []
-    for q in sorted(directory.rglob("*")):
-        rel = q.relative_to(directory).parts
-        if q.is_file() and rel[0] not in TRAINING_OUTPUTS and not any(p.startswith(".") for p in rel) \
-                and not q.name.endswith(_WEIGHT_SUFFIXES):
-            out.append(q)
-    return out
-
-
 def input_digests(cfg: TrainConfig) -> dict[str, str]:
     """Content digests of what a run reads (checkpoint meta; a resume refuses when one changed): the training
-    file, and each local --model / --model-config / --tokenizer / --document-model but for model weights.
-    Hub ids are pinned by their id (:func:`_model_spec`)."""
-    out = {"train_file": _file_digest(Path(cfg.train_file))}
+    file, and each local --model / --model-config / --tokenizer / --document-model but for model weights (the
+    checkpoint holds the trained ones; a shape change is caught when they load). Hub ids are pinned by their
+    id (:func:`_model_spec`)."""
+    out = {"train_file": content_hash(cfg.train_file)}
     for key in ("model", "model_config", "tokenizer", "document_model"):
         value = getattr(cfg.options, key)
         p = Path(os.path.expanduser(value)) if isinstance(value, str) else None
         if p is not None and p.is_file():
-            out[key] = _file_digest(p)
+            out[key] = content_hash(p)
         elif p is not None and p.is_dir():
             h = hashlib.sha256()
-            for q in _model_files(p):
-                h.update(f"{q.relative_to(p).as_posix()}\0{_file_digest(q)}\0".encode())
-            out[key] = h.hexdigest()
+            for q in model_files(p):
+                if not q.name.endswith(WEIGHT_SUFFIXES):
+                    h.update(f"{q.relative_to(p).as_posix()}\0{content_hash(q)}\0".encode())
+            out[key] = DIGEST_PREFIX + h.hexdigest()[:32]
     return out
 
 
@@ -262,8 +234,14 @@ def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int, 
         if meta.get(key) != now:
             raise UserError(f"--resume {where}: that checkpoint was written with {key}={meta.get(key)!r}, this run "
                             f"has {key}={now!r}; resume with the same settings or start a new --output-dir")
-    for key, then in (meta.get("inputs") or {}).items():
-        if inputs.get(key) != then:
+    stored = meta.get("inputs") or {}
+    earlier = [k for k, then in stored.items() if not str(then).startswith(DIGEST_PREFIX)]
+    if earlier:   # digests of an older rule (whole files up to 64 MiB): not comparable with this rule's
+        log.warning("--resume %s: that checkpoint's content digests of %s were taken by an earlier rule and are not "
+                    "compared: the run goes on, assuming the same inputs", where,
+                    ", ".join(_OPTION_NAMES.get(k, k) for k in earlier))
+    for key, then in stored.items():
+        if key not in earlier and inputs.get(key) != then:
             what = "file" if key in ("train_file", "model_config") else "files"
             raise UserError(f"--resume {where}: {_OPTION_NAMES.get(key, key)} {meta.get(key) or ''}: its {what} "
                             f"changed since that checkpoint was written (content digest differs); resume with the "
