@@ -144,22 +144,26 @@ def linear_warmup_decay(warmup_steps: int, max_steps: int):
 # ====================================================================== data (embedder.data)
 
 
-def read_rows(path: str, task: Task) -> list[dict]:
-    """The task's rows of a JSONL file: :func:`embedder.data.read_rows` (errors name file:line)."""
-    from embedder.data import read_rows as read
+def read_rows(path: str, task: Task):
+    """The task's rows of a JSONL file, read back on demand (:class:`embedder.data.RowFile`: a worker holds
+    line offsets, not rows, however large the file; errors name file:line)."""
+    from embedder.data import RowFile
 
-    return read(path, task)
+    return RowFile(path, task)
 
 
-def make_sampler(task: Task, rows: list[dict], batch_size: int, seed: int):
+def make_sampler(task: Task, rows, batch_size: int, seed: int):
     """The sampler of global batches (:class:`embedder.data.NoDuplicateBatchSampler`): no group twice in a
-    batch when the task names groups, a plain seeded order otherwise; full batches only (``drop_last``), so
-    every step has ``batch_size`` rows. Its state (epoch, position) is JSON."""
+    batch when the task names groups (``rows.groups``, or ``task.batch_groups(rows)`` for a list of rows), a
+    plain seeded order otherwise; full batches only (``drop_last``), so every step has ``batch_size`` rows.
+    Its state (epoch, position) is JSON."""
+    import numpy as np
+
     from embedder.data import NoDuplicateBatchSampler
 
-    groups = task.batch_groups(rows)
+    groups = rows.groups if hasattr(rows, "groups") else task.batch_groups(rows)
     if groups is not None:
-        distinct = len(set(groups))
+        distinct = len(np.unique(np.asarray(groups))) if isinstance(groups, np.ndarray) else len(set(groups))
         if distinct < batch_size:
             raise UserError(f"--train-file has {distinct} distinct examples (batch groups), fewer than "
                             f"--batch-size {batch_size}; lower the batch size or add rows")
@@ -452,6 +456,7 @@ def _train_loop(cfg: TrainConfig, rank: int, world: int, device) -> dict:
 
                     dist.barrier()
     finally:
+        rows.close()
         if bar is not None:
             bar.close()
         if log_file is not None:
