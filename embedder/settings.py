@@ -119,7 +119,7 @@ def check_model_dir(path: str, what: str = "embedder", fix: str | None = None) -
     has_tokenizer = bool(files & {"tokenizer.json", "vocab.txt", "vocab.json"}) or any(
         f.endswith(".model") for f in files)  # spiece.model, sentencepiece.bpe.model, tokenizer.model
     if not has_config:
-        from embedder.trainer import LOSS_LOG, list_checkpoints
+        from embedder.checkpoints import LOSS_LOG, list_checkpoints
 
         found = list_checkpoints(path)
         if found or LOSS_LOG in files:
