@@ -91,6 +91,30 @@ class Task:
         """Tokenize and mask a micro-batch into tensors (on CPU), drawing randomness only from ``rng``."""
         raise NotImplementedError
 
+    # ---- the tokenizer a collate uses (tasks that tokenize texts with their encoder's tokenizer)
+    _tokenizer_limit: tuple[Any, int] | None = None   # (tokenizer, the encoder's max_length) once known
+
+    def encoder_tokenizer(self) -> tuple[Any, int]:
+        """(tokenizer, the encoder's max_length) without building the model: by default those of
+        ``options.model`` (:func:`embedder.settings.tokenizer_and_max_length`)."""
+        from embedder.settings import tokenizer_and_max_length
+
+        return tokenizer_and_max_length(self.options.model)
+
+    def use_tokenizer(self, tokenizer, limit: int) -> None:
+        """Collate with ``tokenizer``, its encoder's max_length being ``limit`` (:meth:`build` passes those of
+        the encoder it loaded)."""
+        self._tokenizer_limit = (tokenizer, int(limit))
+
+    def tokenizer_and_limit(self) -> tuple[Any, int]:
+        """(tokenizer, tokens per text) for :meth:`collate`: ``options.max_length`` capped at the encoder's
+        max_length. Those :meth:`build` gave, else (a process that has not built the model, e.g. a
+        data-loading worker) :meth:`encoder_tokenizer`'s, loaded once."""
+        if self._tokenizer_limit is None:
+            self._tokenizer_limit = self.encoder_tokenizer()
+        tokenizer, limit = self._tokenizer_limit
+        return tokenizer, min(self.options.max_length, limit)
+
     # ---- objective
     def loss(self, module, batch: dict[str, Any], gather=None) -> tuple[Any, dict[str, float]]:
         """(scalar loss, metrics) of a micro-batch on ``module`` (what :meth:`build` returned, possibly

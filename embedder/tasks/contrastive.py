@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from embedder.data import doc_key, pair_row
+from embedder.encoder import Encoder, pad_id, pad_right
 from embedder.errors import UserError
 from embedder.losses import Temperature, info_nce, margin_loss, matryoshka, pairwise_logistic
 from embedder.tasks.base import Task, TaskOptions
@@ -46,19 +47,15 @@ def text_key(text: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _pad(enc, part: str, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token lists to the longest, as :meth:`embedder.Encoder.encode_ids` does (padding is
-    unattended and marked special)."""
-    ids, special = enc["input_ids"], enc["special_tokens_mask"]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    special_mask = torch.ones((len(ids), width), dtype=torch.long)
-    for i, (x, s) in enumerate(zip(ids, special)):
-        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
-        special_mask[i, :len(x)] = torch.tensor(s, dtype=torch.long)
-    return {f"{part}_input_ids": input_ids, f"{part}_attention_mask": mask, f"{part}_special_tokens_mask": special_mask}
+def _padded(tokenizer, texts: list[str], limit: int, part: str) -> dict[str, torch.Tensor]:
+    """Texts tokenized to at most ``limit`` tokens and right-padded to the longest as
+    :meth:`embedder.Encoder.encode_ids` pads (:func:`embedder.encoder.pad_right`: padding unattended and
+    marked special), under ``{part}_input_ids`` / ``_attention_mask`` / ``_special_tokens_mask``."""
+    enc = tokenizer(texts, truncation=True, max_length=limit, padding=False, return_attention_mask=False,
+                    return_token_type_ids=False, return_special_tokens_mask=True)
+    arrays = pad_right(enc["input_ids"], pad_id(tokenizer), special=enc["special_tokens_mask"])
+    return {f"{part}_{name}": torch.from_numpy(a)
+            for name, a in zip(("input_ids", "attention_mask", "special_tokens_mask"), arrays)}
 
 
 class ContrastiveModel(torch.nn.Module):
@@ -103,20 +100,15 @@ class ContrastiveTask(Task):
             raise UserError(f"matryoshka dims {list(o.matryoshka_dims)} must be positive integers")
         if not isinstance(o.max_length, int) or o.max_length < 2:
             raise UserError(f"max_length={o.max_length!r} must be an integer of at least 2")
-        self._tokenizer = None
-        self._limit: int | None = None
-        self._dim: int | None = None
 
     # ------------------------------------------------------------------ model
 
     def build(self, device) -> ContrastiveModel:
-        from embedder.encoder import Encoder
-
         encoder = Encoder.load(self.options.model, pooling=self.options.pooling, device=device, option="--model")
         bad = [m for m in self.options.matryoshka_dims if m > encoder.dim]
         if bad:
             raise UserError(f"matryoshka dims {bad} exceed the encoder's dimension {encoder.dim}")
-        self._tokenizer, self._limit, self._dim = encoder.tokenizer, encoder.max_length, encoder.dim
+        self.use_tokenizer(encoder.tokenizer, encoder.max_length)
         module = ContrastiveModel(encoder, self.options.temperature, self.options.learnable_temperature)
         return module.to(device).train()
 
@@ -128,29 +120,12 @@ class ContrastiveTask(Task):
     def batch_groups(self, rows: list[dict]) -> list[Any]:
         return [doc_key(r["pos"]) for r in rows]
 
-    def _tokenizer_and_limit(self):
-        """The encoder's tokenizer and max_length; loaded without the weights when :meth:`build` has not run
-        in this process (e.g. a data-loading worker)."""
-        if self._tokenizer is None:
-            from transformers import AutoConfig, AutoTokenizer
-
-            from embedder.settings import MODEL_FIX, read_settings, resolve_model
-
-            name = resolve_model(self.options.model, "--model", MODEL_FIX)
-            self._tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True)
-            limit = read_settings(name).get("max_length")
-            if limit is None:
-                positions = getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
-                limit = min(x for x in (self._tokenizer.model_max_length, positions, 512) if x is not None)
-            self._limit = int(limit)
-        return self._tokenizer, min(self.options.max_length, self._limit)
-
     def collate(self, rows: list[dict], rng: np.random.Generator) -> dict[str, Any]:
         """Tensors of a micro-batch: ``{q,d,n}_{input_ids,attention_mask,special_tokens_mask}`` (queries,
         positives, the flat list of hard negatives; the ``n_`` ones absent when there are none),
         ``neg_index`` [B, K] (into [positives; negatives], -1 padding), ``pos_keys`` [B, P], ``doc_keys``
         [B], ``neg_keys`` [M] (see :mod:`embedder.losses`)."""
-        tokenizer, limit = self._tokenizer_and_limit()
+        tokenizer, limit = self.tokenizer_and_limit()
         B = len(rows)
         # every positive of every row with the same query text is a positive of each of them
         by_query: dict[str, list[int]] = {}
@@ -192,12 +167,9 @@ class ContrastiveTask(Task):
         batch: dict[str, Any] = {"neg_index": neg_index, "pos_keys": pos_keys,
                                  "doc_keys": torch.tensor(doc_keys, dtype=torch.long),
                                  "neg_keys": torch.tensor(neg_keys, dtype=torch.long)}
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0   # as Encoder does
         for part, texts in (("q", [r["query"] for r in rows]), ("d", [r["pos"] for r in rows]), ("n", neg_texts)):
             if texts:
-                batch.update(_pad(tokenizer(texts, truncation=True, max_length=limit, padding=False,
-                                            return_attention_mask=False, return_token_type_ids=False,
-                                            return_special_tokens_mask=True), part, pad_id))
+                batch.update(_padded(tokenizer, texts, limit, part))
         return batch
 
     # ------------------------------------------------------------------ objective

@@ -5,7 +5,7 @@ Two models take part:
 - the **main model** (``options.model``) gives the vocabulary side: its tokenizer (every text is tokenized
   with it), its embedding layer (the decoder's content stream and position embeddings) and its masked-LM head
   (the checkpoint's own when it is a masked-LM checkpoint, else a new one; see
-  :func:`embedder.tasks.retromae.mlm_head`). Its transformer layers are not used and not kept.
+  :func:`embedder.tasks.masked_lm.mlm_head`). Its transformer layers are not used and not kept.
 - the **document encoder** (``options.document_model``, any Hugging Face encoder directory or hub id) plays
   RetroMAE's encoder: it reads the main tokenizer's ids of the masked text (``options.mask_ratio``), its
   hidden states are trained with masked-LM through the main model's head, and its [CLS] hidden state is the
@@ -31,10 +31,12 @@ import os
 import torch
 from torch import nn
 
+from embedder.encoder import Encoder
 from embedder.errors import UserError, first_line
+from embedder.settings import MODEL_FIX, check_model_dir, load_errors, read_settings, resolve_model
 from embedder.tasks.base import TaskOptions
-from embedder.tasks.retromae import RetroMAEModel, RetroMAETask, encoder_tokenizer, mlm_head, need_leading_special, \
-    need_mask_token
+from embedder.tasks.masked_lm import mlm_head
+from embedder.tasks.retromae import RetroMAEModel, RetroMAETask
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,6 @@ class CustomModel(RetroMAEModel):
 
 def _config(name: str, what: str):
     from transformers import AutoConfig
-
-    from embedder.settings import MODEL_FIX, check_model_dir, load_errors, resolve_model
 
     fix = MODEL_FIX if what == "--model" else f"pass a model directory (config.json, weights, tokenizer) or a hub " \
                                               f"id as {what}"
@@ -98,21 +98,16 @@ class CustomTask(RetroMAETask):
                             f"({main_v})")
         return main_path, main_cfg, doc_path, doc_cfg
 
-    def _load_tokenizer(self):
-        from embedder.settings import read_settings
-
+    def encoder_tokenizer(self):
+        """The main model's tokenizer (checked as retromae checks it); max_length: the main model's, capped at
+        the document encoder's."""
         _, _, doc_path, doc_cfg = self.check_vocabularies()
-        tokenizer, limit = encoder_tokenizer(self.options.model)
-        need_mask_token(tokenizer, f"'{self.options.model}'")
-        need_leading_special(tokenizer, f"'{self.options.model}'")
+        tokenizer, limit = super().encoder_tokenizer()
         limits = [limit, getattr(doc_cfg, "max_position_embeddings", None), read_settings(doc_path).get("max_length")]
         return tokenizer, int(min(x for x in limits if x is not None))
 
     def build(self, device) -> CustomModel:
         from transformers import AutoModel, AutoTokenizer
-
-        from embedder.encoder import Encoder
-        from embedder.settings import load_errors, read_settings
 
         main_path, _, doc_path, _ = self.check_vocabularies()
         tokenizer, limit = self.tokenizer_and_limit()

@@ -1,13 +1,14 @@
 """RetroAR: RetroMAE's masked encoder with an autoregressive decoder instead of the enhanced one.
 
 Rows, tokenization, the encoder masking (``options.mask_ratio``, 80/10/10) and the encoder's masked-LM loss
-are those of :mod:`embedder.tasks.retromae`; the sentence embedding is the [CLS] hidden state of the masked
-text. The decoder is a small GPT-style block: its input is ``[cls, e(x_1), ..., e(x_n), e([SEP])]``: the
-sentence embedding as a prefix in place of the [CLS] token, then the word embeddings (the encoder's input
-matrix) of the *unmasked* text, plus the decoder's own learned position embeddings, LayerNorm and dropout;
-one causal transformer layer (:class:`embedder.tasks.retromae.DecoderLayer`, each position sees itself and
-the positions before it); and its own LM head (dense + activation + LayerNorm, then an output layer whose
-matrix is tied to the word embeddings, with its own bias).
+are those of :mod:`embedder.tasks.retromae` (:mod:`embedder.tasks.masked_lm`); the sentence embedding is the
+[CLS] hidden state of the masked text. The decoder is a small GPT-style block: its input is ``[cls, e(x_1),
+..., e(x_n), e([SEP])]``: the sentence embedding as a prefix in place of the [CLS] token, then the word
+embeddings (the encoder's input matrix) of the *unmasked* text, plus the decoder's own learned position
+embeddings, LayerNorm and dropout; one causal transformer layer
+(:class:`embedder.tasks.decoders.DecoderLayer`, each position sees itself and the positions before it); and
+its own LM head (:class:`embedder.tasks.decoders.ARHead`: dense + activation + LayerNorm, then an output layer
+whose matrix is tied to the word embeddings, with its own bias).
 
 Labels (``decoder_labels``, aligned with the decoder input): -100 at the prefix, at [SEP] and other special
 tokens and at padding; the token id at every text token. The output at position ``t`` predicts the label at
@@ -23,29 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedder.tasks.retromae import (DecoderLayer, RetroMAETask, _cfg, _init_linear_and_norms, as_tensors,
-                                     masked_lm_batch, masked_lm_loss, reconstruction_labels)
-
-
-class ARHead(nn.Module):
-    """dense + activation + LayerNorm, then logits over the vocabulary with the (tied) word embeddings."""
-
-    def __init__(self, config, word_embeddings: nn.Embedding):
-        super().__init__()
-        from transformers.activations import ACT2FN
-
-        d = int(config.hidden_size)
-        act = _cfg(config, "hidden_act", "hidden_activation", default="gelu")
-        self.dense = nn.Linear(d, d)
-        self.act = ACT2FN[act] if isinstance(act, str) else act
-        self.norm = nn.LayerNorm(d, eps=float(_cfg(config, "layer_norm_eps", "norm_eps", default=1e-12)))
-        vocab = word_embeddings.weight.shape[0]
-        self.out = nn.Linear(d, vocab)
-        _init_linear_and_norms(self, float(_cfg(config, "initializer_range", default=0.02)))
-        self.out.weight = word_embeddings.weight
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(self.act(self.dense(hidden))))
+from embedder.tasks.decoders import ARHead, DecoderLayer, config_value, init_linear_and_norms
+from embedder.tasks.masked_lm import as_tensors, masked_lm_batch, masked_lm_loss, reconstruction_labels
+from embedder.tasks.retromae import RetroMAETask
 
 
 class RetroARModel(nn.Module):
@@ -59,10 +40,10 @@ class RetroARModel(nn.Module):
         config = encoder.model.config
         d = int(config.hidden_size)
         self.positions = nn.Embedding(limit, d)
-        self.norm = nn.LayerNorm(d, eps=float(_cfg(config, "layer_norm_eps", "norm_eps", default=1e-12)))
-        self.dropout = nn.Dropout(float(_cfg(config, "hidden_dropout_prob", "mlp_dropout", default=0.1)))
+        self.norm = nn.LayerNorm(d, eps=float(config_value(config, "layer_norm_eps", "norm_eps", default=1e-12)))
+        self.dropout = nn.Dropout(float(config_value(config, "hidden_dropout_prob", "mlp_dropout", default=0.1)))
         for new_part in (self.positions, self.norm):   # never the encoder or its head: they come trained
-            _init_linear_and_norms(new_part, float(_cfg(config, "initializer_range", default=0.02)))
+            init_linear_and_norms(new_part, float(config_value(config, "initializer_range", default=0.02)))
         self.decoder = DecoderLayer(config)
         self.lm_head = ARHead(config, encoder.model.get_input_embeddings())
 
