@@ -199,7 +199,6 @@ def _negative_mask(scores, labels, excluded, neg_index, neg_base, B) -> torch.Te
     """[B, N] True where candidate c is a negative of query i for the pairwise losses: its own hard negatives
     (``neg_index`` [B, K] into the local [d; hard negatives], -1 padding) when the row has any, else every
     other candidate (in-batch negatives); never an excluded one."""
-    N = scores.shape[1]
     inbatch = torch.ones_like(scores, dtype=torch.bool)
     inbatch[torch.arange(B, device=scores.device), labels] = False
     if neg_index is None:

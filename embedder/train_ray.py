@@ -8,10 +8,12 @@ module never imports the trainer. Nothing here imports torch or ray at module le
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import time
+import uuid
 from typing import TYPE_CHECKING, Callable
 
 from embedder.errors import UserError
@@ -36,14 +38,38 @@ class Gather:
         return gather_with_grad(t)
 
 
+PROBE = ".shared-probe-{}"   # written into --output-dir by the driver; every worker must see it
+
+
+def check_shared_paths(cfg: TrainConfig, probe: str, where: str) -> None:
+    """What a worker on node ``where`` must see as the driver does (:class:`UserError` otherwise): the
+    output directory (the driver's ``probe`` file in it: rank 0 writes checkpoints and the model there, every
+    rank reads a checkpoint it resumes from), the training file, and every local model or tokenizer path
+    (absolute by then: :func:`embedder.trainer.absolute_paths`; hub ids are not paths)."""
+    fix = ("a cluster's training workers run on several nodes: put it on a filesystem every node mounts at the same "
+           "path (NFS, a shared volume), or train with --num-workers on one node")
+    if not os.path.exists(os.path.join(cfg.output_dir, probe)):
+        raise UserError(f"--output-dir {cfg.output_dir} on node {where} is not the directory the command made (its "
+                        f"check file is missing there); {fix}")
+    paths = [("--train-file", cfg.train_file)] + [
+        (f"--{k.replace('_', '-')}", getattr(cfg.options, k, None))
+        for k in ("model", "model_config", "tokenizer", "document_model")]
+    for flag, value in paths:
+        if isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value):
+            raise UserError(f"{flag} {value}: not found on node {where}; {fix}")
+
+
 def _ray_worker(config: dict):
-    """One Ray Train worker: ``config["loop"]`` on this worker's rank and device."""
+    """One Ray Train worker: ``config["loop"]`` on this worker's rank and device, once it sees the paths the
+    driver does (:func:`check_shared_paths`)."""
+    import ray
     import ray.train
     import torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg: TrainConfig = config["cfg"]
+    check_shared_paths(cfg, config["probe"], ray.util.get_node_ip_address())
     if cfg.use_gpu:
         import ray.train.torch
 
@@ -79,8 +105,11 @@ def _train_ray(cfg: TrainConfig, loop: Callable[..., dict]) -> dict:
         cfg = dataclasses.replace(cfg, use_gpu=use_gpu, progress=cfg.progress)
         out = os.path.abspath(cfg.output_dir)
         os.makedirs(out, exist_ok=True)
+        probe = PROBE.format(uuid.uuid4().hex)
+        with open(os.path.join(out, probe), "w"):
+            pass
         trainer = TorchTrainer(
-            _ray_worker, train_loop_config={"cfg": cfg, "loop": loop},
+            _ray_worker, train_loop_config={"cfg": cfg, "loop": loop, "probe": probe},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
@@ -94,6 +123,9 @@ def _train_ray(cfg: TrainConfig, loop: Callable[..., dict]) -> dict:
             if user is not None:
                 raise UserError(str(user)) from None
             raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out, probe))
         summary = getattr(result, "return_value", None) or {}
         shutil.rmtree(os.path.join(out, ".ray_train"), ignore_errors=True)
         return summary

@@ -371,6 +371,31 @@ def test_two_workers_take_relative_paths_where_the_user_typed_them(tmp_path, tin
     assert args["options"]["model"] == str(tmp_path / "m")
 
 
+
+def test_workers_check_they_see_the_drivers_paths(tmp_path, pairs_file, tiny_bert_dir):
+    """On a cluster, a Ray Train worker on another node must see --output-dir (the driver's check file in it),
+    --train-file and local models at the same paths: otherwise one line naming the node and the fix (a
+    multi-node run without a shared filesystem saved nothing where the user looked)."""
+    from embedder.train_ray import PROBE, check_shared_paths
+
+    probe = PROBE.format("abc")
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = TrainConfig(task="contrastive", train_file=pairs_file, output_dir=str(out),
+                      options=TaskOptions(model=tiny_bert_dir))
+    with pytest.raises(UserError) as e:
+        check_shared_paths(cfg, probe, "10.0.0.9")
+    assert "--output-dir" in str(e.value) and "10.0.0.9" in str(e.value) and "shared" in str(e.value) or \
+        "every node mounts" in str(e.value)
+    (out / probe).touch()
+    check_shared_paths(cfg, probe, "10.0.0.9")               # all there: no error
+    check_shared_paths(dataclasses.replace(cfg, options=TaskOptions(model="org/hub-model")), probe, "n")  # a hub id
+    for bad, flag in ((dataclasses.replace(cfg, train_file=str(tmp_path / "gone.jsonl")), "--train-file"),
+                      (dataclasses.replace(cfg, options=TaskOptions(model=str(tmp_path / "gone"))), "--model")):
+        with pytest.raises(UserError, match=f"^{flag} .*gone.*not found on node 10.0.0.9; .*every node mounts"):
+            check_shared_paths(bad, probe, "10.0.0.9")
+
+
 # ---------------------------------------------------------------------- checks and the command line
 
 
