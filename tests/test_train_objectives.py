@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,6 +185,26 @@ def test_rows_registry_and_options():
         _task("mlm", mlm_probability=0)
     with pytest.raises(UserError, match="document encoder"):
         _task("custom")
+
+
+HEAVY = ("torch", "transformers", "tokenizers", "ray", "faiss")
+
+
+def test_task_modules_import_no_torch():
+    """Every registered task module imports without torch, transformers, tokenizers, ray or faiss (``train
+    --help`` imports them all to read the tasks' options): checked in a fresh interpreter."""
+    code = ("import importlib, json, sys\n"
+            "from embedder.tasks import TASK_MODULES\n"
+            "for module in TASK_MODULES.values():\n"
+            "    importlib.import_module(module).TASK\n"
+            f"print(json.dumps({{'modules': list(TASK_MODULES.values()), 'heavy': [m for m in {HEAVY!r} "
+            f"if m in sys.modules]}}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"embedder.tasks.contrastive", "embedder.tasks.retromae", "embedder.tasks.retroar",
+            "embedder.tasks.custom", "embedder.tasks.mlm"} <= set(got["modules"])
+    assert got["heavy"] == [], f"importing the task modules loaded {got['heavy']}"
 
 
 def test_retromae_rejects_a_tokenizer_without_cls(tiny_bert_dir):

@@ -19,26 +19,30 @@ InfoNCE), on L2-normalised embeddings; with ``options.matryoshka_dims`` the mean
 dimension and at each listed truncation. Texts are tokenized to ``options.max_length`` tokens, capped at the
 encoder's own max_length. The saved encoder is the trained transformer with the pooling it was loaded with
 (``options.pooling`` overrides) and the model's own normalize and max_length.
+
+The trained module is :class:`embedder.tasks.models.ContrastiveModel`; this module imports no torch (its
+methods load it).
 """
 
 from __future__ import annotations
 
 import hashlib
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from embedder.data import doc_key, pair_row
-from embedder.encoder import Encoder, pad_id, pad_right
 from embedder.errors import UserError
-from embedder.losses import Temperature, info_nce, margin_loss, matryoshka, pairwise_logistic
 from embedder.tasks.base import Task, TaskOptions
 
+if TYPE_CHECKING:
+    import torch
+
+    from embedder.tasks.models import ContrastiveModel
+
 LOSSES = ("infonce", "margin", "logistic")
-_PARTS = ("q", "d", "n")
+PARTS = ("q", "d", "n")   # a batch's texts: queries, positives (documents), hard negatives
 
 
 def text_key(text: str) -> int:
@@ -51,34 +55,15 @@ def _padded(tokenizer, texts: list[str], limit: int, part: str) -> dict[str, tor
     """Texts tokenized to at most ``limit`` tokens and right-padded to the longest as
     :meth:`embedder.Encoder.encode_ids` pads (:func:`embedder.encoder.pad_right`: padding unattended and
     marked special), under ``{part}_input_ids`` / ``_attention_mask`` / ``_special_tokens_mask``."""
+    import torch
+
+    from embedder.encoder import pad_id, pad_right
+
     enc = tokenizer(texts, truncation=True, max_length=limit, padding=False, return_attention_mask=False,
                     return_token_type_ids=False, return_special_tokens_mask=True)
     arrays = pad_right(enc["input_ids"], pad_id(tokenizer), special=enc["special_tokens_mask"])
     return {f"{part}_{name}": torch.from_numpy(a)
             for name, a in zip(("input_ids", "attention_mask", "special_tokens_mask"), arrays)}
-
-
-class ContrastiveModel(torch.nn.Module):
-    """The trained parts: the encoder and, when learnable, the temperature. ``forward`` embeds a batch's
-    queries, positives and hard negatives in one call (so data-parallel wrappers see one forward)."""
-
-    def __init__(self, encoder, temperature: float, learnable: bool):
-        super().__init__()
-        self.encoder = encoder
-        self.temperature = Temperature(temperature, min_value=min(1e-3, temperature)) if learnable else None
-        self.register_buffer("fixed_temperature", torch.tensor(float(temperature)), persistent=False)
-
-    def forward(self, **batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = []
-        for part in _PARTS:
-            ids = batch.get(f"{part}_input_ids")
-            if ids is None or ids.shape[0] == 0:
-                out.append(out[0].new_zeros((0, out[0].shape[1])))
-                continue
-            emb = self.encoder(ids, batch[f"{part}_attention_mask"], batch.get(f"{part}_special_tokens_mask"))
-            out.append(F.normalize(emb.float(), p=2, dim=-1))
-        t = self.temperature() if self.temperature is not None else self.fixed_temperature
-        return out[0], out[1], out[2], t
 
 
 class ContrastiveTask(Task):
@@ -104,6 +89,9 @@ class ContrastiveTask(Task):
     # ------------------------------------------------------------------ model
 
     def build(self, device) -> ContrastiveModel:
+        from embedder.encoder import Encoder
+        from embedder.tasks.models import ContrastiveModel
+
         encoder = Encoder.load(self.options.model, pooling=self.options.pooling, device=device, option="--model")
         bad = [m for m in self.options.matryoshka_dims if m > encoder.dim]
         if bad:
@@ -125,6 +113,8 @@ class ContrastiveTask(Task):
         positives, the flat list of hard negatives; the ``n_`` ones absent when there are none),
         ``neg_index`` [B, K] (into [positives; negatives], -1 padding), ``pos_keys`` [B, P], ``doc_keys``
         [B], ``neg_keys`` [M] (see :mod:`embedder.losses`)."""
+        import torch
+
         tokenizer, limit = self.tokenizer_and_limit()
         B = len(rows)
         # every positive of every row with the same query text is a positive of each of them
@@ -177,13 +167,13 @@ class ContrastiveTask(Task):
     caches_gradients = True   # in-batch negatives: --grad-accum embeds in pieces, the loss sees the whole batch
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in batch.items() if k.split("_", 1)[0] in _PARTS}
+        return {k: v for k, v in batch.items() if k.split("_", 1)[0] in PARTS}
 
     def split_inputs(self, inputs: dict[str, Any], parts: int) -> list[dict[str, Any]]:
         """Queries, positives and negatives each cut into ``parts`` row ranges (every piece holds queries: the
         trainer's batch divides); each piece's tensors are cut to its own longest text."""
         pieces: list[dict[str, Any]] = [{} for _ in range(parts)]
-        for part in _PARTS:
+        for part in PARTS:
             ids = inputs.get(f"{part}_input_ids")
             if ids is None:
                 continue
@@ -199,12 +189,18 @@ class ContrastiveTask(Task):
         return pieces
 
     def loss(self, module, batch: dict[str, Any], gather=None) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch
+
         inner = getattr(module, "module", module)
         device = inner.encoder.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return self.loss_from_outputs(module(**self.model_inputs(batch)), batch, gather)
 
     def loss_from_outputs(self, outputs: tuple, batch: dict[str, Any], gather=None) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch
+
+        from embedder.losses import info_nce, margin_loss, matryoshka, pairwise_logistic
+
         q, d, n, t = outputs
         device = q.device
         keys = {"gather": gather, "pos_keys": batch["pos_keys"].to(device), "doc_keys": batch["doc_keys"].to(device),

@@ -5,7 +5,7 @@ Two models take part:
 - the **main model** (``options.model``) gives the vocabulary side: its tokenizer (every text is tokenized
   with it), its embedding layer (the decoder's content stream and position embeddings) and its masked-LM head
   (the checkpoint's own when it is a masked-LM checkpoint, else a new one; see
-  :func:`embedder.tasks.masked_lm.mlm_head`). Its transformer layers are not used and not kept.
+  :func:`embedder.tasks.models.mlm_head`). Its transformer layers are not used and not kept.
 - the **document encoder** (``options.document_model``, any Hugging Face encoder directory or hub id) plays
   RetroMAE's encoder: it reads the main tokenizer's ids of the masked text (``options.mask_ratio``), its
   hidden states are trained with masked-LM through the main model's head, and its [CLS] hidden state is the
@@ -21,41 +21,26 @@ same (a warning says so).
 Saved: the **document encoder**, the one that produces the embeddings (the encoder a build would embed
 with), with pooling ``cls``, its own normalize setting, and the main model's tokenizer (the ids it was trained
 on), via :meth:`embedder.Encoder.save`. The main model's parts and the decoder are training-only.
+
+The trained module is :class:`embedder.tasks.models.CustomModel`; this module imports no torch (its methods
+load it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from embedder.encoder import Encoder
 from embedder.errors import UserError, first_line
 from embedder.settings import MODEL_FIX, check_model_dir, load_errors, read_settings, resolve_model
 from embedder.tasks.base import TaskOptions
-from embedder.tasks.masked_lm import mlm_head
-from embedder.tasks.retromae import RetroMAEModel, RetroMAETask
+from embedder.tasks.retromae import RetroMAETask
+
+if TYPE_CHECKING:
+    from embedder.tasks.models import CustomModel
 
 log = logging.getLogger(__name__)
-
-
-class CustomModel(RetroMAEModel):
-    """RetroMAE whose encoder is the document encoder and whose vocabulary side (``vocab_embeddings``,
-    ``head``) is the main model's; ``project`` maps the document encoder's width to the main model's."""
-
-    def __init__(self, encoder, head: nn.Module, limit: int, vocab_embeddings: nn.Module, vocab_config):
-        super().__init__(encoder, head, limit, vocab_embeddings=vocab_embeddings, vocab_config=vocab_config)
-        d_doc, d_main = int(encoder.model.config.hidden_size), int(vocab_config.hidden_size)
-        self.project = nn.Identity() if d_doc == d_main else nn.Linear(d_doc, d_main)
-        if isinstance(self.project, nn.Linear):
-            nn.init.normal_(self.project.weight, std=float(getattr(vocab_config, "initializer_range", 0.02) or 0.02))
-            nn.init.zeros_(self.project.bias)
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.project(hidden)
 
 
 def _config(name: str, what: str):
@@ -107,7 +92,11 @@ class CustomTask(RetroMAETask):
         return tokenizer, int(min(x for x in limits if x is not None))
 
     def build(self, device) -> CustomModel:
+        import torch
         from transformers import AutoModel, AutoTokenizer
+
+        from embedder.encoder import Encoder
+        from embedder.tasks.models import CustomModel, mlm_head
 
         main_path, _, doc_path, _ = self.check_vocabularies()
         tokenizer, limit = self.tokenizer_and_limit()

@@ -5,28 +5,30 @@
   ratio (:func:`masked_lm_batch`: :func:`embedder.masking.mask_tokens`, 80% mask token, 10% a random token,
   10% unchanged; special tokens and padding never), plus the labels of a decoder that reconstructs the whole
   text (:func:`reconstruction_labels`).
-- The masked-LM head (:func:`mlm_head`: the checkpoint's own, or a new one built from the encoder's config)
-  and its loss (:func:`masked_lm_loss`).
 - :class:`MaskedTextTask`: the tokenizer, the encoder and its head, either of a trained encoder (``--model``)
   or of a random-init one built from ``--model-config`` and ``--tokenizer`` (:mod:`embedder.tasks.scratch`),
   and the metrics of a module whose forward returns (loss, encoder MLM loss, decoder loss).
+
+The masked-LM head (:func:`embedder.tasks.models.mlm_head`: the checkpoint's own, or a new one built from the
+encoder's config), its loss (:func:`embedder.tasks.models.masked_lm_loss`) and the tasks' models are in
+:mod:`embedder.tasks.models`: this module imports no torch (the tasks import it), and loads torch and the model
+code only where a batch becomes tensors (:func:`as_tensors`) or an encoder is built.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from embedder.encoder import Encoder, pad_id, pad_right
-from embedder.errors import UserError, first_line
+from embedder.errors import UserError
 from embedder.masking import IGNORE, mask_tokens
-from embedder.settings import MODEL_FIX, load_errors, resolve_model
+from embedder.settings import MODEL_FIX, resolve_model
 from embedder.tasks.base import Task, TaskOptions
 from embedder.tasks.scratch import build_config, load_tokenizer, scratch_model
+
+if TYPE_CHECKING:
+    import torch
 
 TEXT_KEYS = ("text", "document", "doc", "passage", "pos")
 _SPECIAL_ATTRS = ("cls", "sep", "pad", "bos", "eos", "mask")   # never masked, never a decoder label
@@ -72,6 +74,8 @@ def special_ids(tokenizer) -> np.ndarray:
 def tokenize(tokenizer, texts: list[str], limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Texts -> right-padded (ids, attention, special) int64 arrays [B, L] (:func:`embedder.encoder.pad_right`);
     ``special`` is 1 at the tokens the tokenizer adds, at any special id inside a text, and at padding."""
+    from embedder.encoder import pad_id, pad_right
+
     enc = tokenizer(list(texts), truncation=True, max_length=limit, padding=False, return_attention_mask=False,
                     return_token_type_ids=False, return_special_tokens_mask=True)
     pad = pad_id(tokenizer)
@@ -144,63 +148,9 @@ def reconstruction_labels(ids: np.ndarray, attention: np.ndarray, special: np.nd
 
 
 def as_tensors(batch: dict) -> dict[str, torch.Tensor]:
+    import torch
+
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-
-
-# ====================================================================== the masked-LM head
-
-
-def masked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``head`` over the positions whose label is not -100 (the head runs on those rows
-    only); 0 (with a graph) when there are none."""
-    keep = labels != IGNORE
-    logits = head(hidden[keep]).float()
-    return F.cross_entropy(logits, labels[keep], reduction="sum") / keep.sum().clamp(min=1)
-
-
-def _is_loss(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.loss._Loss)
-
-
-_HEAD_ORDER = {"distilbert": ["vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"]}
-
-
-def mlm_head(base: nn.Module, source: str | None = None) -> nn.Module:
-    """The masked-LM head for the base encoder ``base`` (a transformers ``AutoModel``): the one stored in
-    ``source`` when that is a masked-LM checkpoint, else a new one built from ``base.config`` (random init, as
-    ``AutoModelForMaskedLM.from_config``). The head is the masked-LM model's modules other than its base model
-    (``cls`` for BERT/RoFormer, ``lm_head`` for RoBERTa, ``head`` + ``decoder`` for ModernBERT, ...), run in
-    order; its output matrix is tied to ``base``'s input embeddings when the config ties them."""
-    from transformers import AutoModelForMaskedLM
-
-    config = base.config
-    archs = getattr(config, "architectures", None) or []
-    pretrained = source is not None and any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs)
-    try:
-        lm = AutoModelForMaskedLM.from_pretrained(source, dtype=torch.float32) if pretrained else \
-            AutoModelForMaskedLM.from_config(config)
-    except ValueError as e:
-        raise UserError(f"model type {config.model_type!r} has no masked-LM head in transformers "
-                        f"({first_line(e)}); use a BERT-like encoder") from None
-    except load_errors() as e:
-        raise UserError(f"cannot load the masked-LM head of '{source}' ({first_line(e)})") from None
-    prefix = lm.base_model_prefix
-    children = dict(lm.named_children())
-    # modules registered out of forward order: DistilBERT registers its activation first
-    order = _HEAD_ORDER.get(config.model_type, [n for n in children if n != prefix])
-    parts = [children[n] for n in order if n in children and not _is_loss(children[n])]
-    if not parts:
-        raise UserError(f"the masked-LM model of type {config.model_type!r} has no head module to reuse")
-    out = lm.get_output_embeddings()
-    if out is not None and getattr(config, "tie_word_embeddings", True):
-        emb = base.get_input_embeddings()
-        if out.weight.shape != emb.weight.shape:
-            raise UserError(f"the masked-LM head of model type {config.model_type!r} predicts "
-                            f"{out.weight.shape[0]} tokens but the encoder embeds {emb.weight.shape[0]}")
-        out.weight = emb.weight
-    head = parts[0] if len(parts) == 1 else nn.Sequential(*parts)
-    del lm
-    return head
 
 
 # ====================================================================== the task
@@ -251,6 +201,9 @@ class MaskedTextTask(Task):
     def load_encoder(self, device):
         """The encoder (:meth:`encoder_pooling`) and its MLM head: loaded from ``model``, or built with random
         weights from ``model_config`` and ``tokenizer``."""
+        from embedder.encoder import Encoder
+        from embedder.tasks.models import mlm_head
+
         o = self.options
         if o.model_config is not None:
             tokenizer, limit = self.tokenizer_and_limit()

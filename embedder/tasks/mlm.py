@@ -19,34 +19,27 @@ Rows are ``text`` rows (:func:`embedder.tasks.masked_lm.text_row`). Each text is
 ``options.mlm_probability`` (0.15; 80% mask token, 10% random token, 10% unchanged; special tokens and padding
 never; :func:`embedder.masking.mask_tokens`); the loss is the mean cross-entropy over the masked positions.
 Only the encoder is saved (:meth:`embedder.Encoder.save`).
+
+The trained module is :class:`embedder.tasks.models.MLMModel`; this module imports no torch (its methods load
+it).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from embedder.tasks.masked_lm import MaskedTextTask, as_tensors, masked_lm_batch, masked_lm_loss
+import numpy as np
+
+from embedder.tasks.masked_lm import MaskedTextTask, as_tensors, masked_lm_batch
 from embedder.tasks.scratch import load_tokenizer
 
+if TYPE_CHECKING:
+    import torch
+
+    from embedder.tasks.models import MLMModel
+
 # load_tokenizer: callers that load a --tokenizer as this task does import it from here too
-__all__ = ["MLMModel", "MLMTask", "TASK", "load_tokenizer"]
-
-
-class MLMModel(nn.Module):
-    """``encoder`` (an :class:`embedder.Encoder`) + its masked-LM ``head``; ``forward(**batch)`` ->
-    (loss, loss, 0): the loss is the encoder's MLM loss, and there is no decoder."""
-
-    def __init__(self, encoder, head: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-
-    def forward(self, input_ids, attention_mask, labels):
-        hidden = self.encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        loss = masked_lm_loss(self.head, hidden, labels)
-        return loss, loss, torch.zeros((), device=loss.device)
+__all__ = ["MLMTask", "TASK", "load_tokenizer"]
 
 
 class MLMTask(MaskedTextTask):
@@ -59,6 +52,8 @@ class MLMTask(MaskedTextTask):
     from_config = True
 
     def build(self, device) -> MLMModel:
+        from embedder.tasks.models import MLMModel
+
         return MLMModel(*self.load_encoder(device)).to(device).train()
 
     def collate(self, rows: list[dict], rng: np.random.Generator) -> dict[str, torch.Tensor]:

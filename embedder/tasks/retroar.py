@@ -16,54 +16,24 @@ tokens and at padding; the token id at every text token. The output at position 
 the first token, and nothing predicts the prefix. Loss = encoder MLM + AR loss (token means).
 
 Only the encoder is saved (pooling ``cls``), as in retromae.
+
+The trained module is :class:`embedder.tasks.models.RetroARModel`; this module imports no torch (its methods
+load it).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from embedder.tasks.decoders import ARHead, DecoderLayer, config_value, init_linear_and_norms
-from embedder.tasks.masked_lm import as_tensors, masked_lm_batch, masked_lm_loss, reconstruction_labels
+import numpy as np
+
+from embedder.tasks.masked_lm import as_tensors, masked_lm_batch, reconstruction_labels
 from embedder.tasks.retromae import RetroMAETask
 
+if TYPE_CHECKING:
+    import torch
 
-class RetroARModel(nn.Module):
-    """``encoder`` + its MLM ``head`` + the AR decoder (``positions``, ``norm``, ``decoder``, ``lm_head``);
-    ``forward(**batch)`` -> (loss, encoder MLM loss, AR loss)."""
-
-    def __init__(self, encoder, head: nn.Module, limit: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-        config = encoder.model.config
-        d = int(config.hidden_size)
-        self.positions = nn.Embedding(limit, d)
-        self.norm = nn.LayerNorm(d, eps=float(config_value(config, "layer_norm_eps", "norm_eps", default=1e-12)))
-        self.dropout = nn.Dropout(float(config_value(config, "hidden_dropout_prob", "mlp_dropout", default=0.1)))
-        for new_part in (self.positions, self.norm):   # never the encoder or its head: they come trained
-            init_linear_and_norms(new_part, float(config_value(config, "initializer_range", default=0.02)))
-        self.decoder = DecoderLayer(config)
-        self.lm_head = ARHead(config, encoder.model.get_input_embeddings())
-
-    def decoder_inputs(self, cls: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, 1, D] sentence embedding + [B, L] ids -> [B, L, D]: the prefix in place of position 0."""
-        words = self.encoder.model.get_input_embeddings()(decoder_input_ids)
-        x = torch.cat([cls.to(words.dtype), words[:, 1:]], dim=1)
-        x = x + self.positions(torch.arange(x.shape[1], device=x.device))[None]
-        return self.dropout(self.norm(x))
-
-    def decoder_hidden(self, cls: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.decoder_inputs(cls, decoder_input_ids)
-        return self.decoder(x, x, causal=True)
-
-    def forward(self, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels):
-        hidden = self.encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        enc_loss = masked_lm_loss(self.head, hidden, labels)
-        out = self.decoder_hidden(hidden[:, :1], decoder_input_ids)
-        ar_loss = masked_lm_loss(self.lm_head, out[:, :-1], decoder_labels[:, 1:])   # t predicts t + 1
-        return enc_loss + ar_loss, enc_loss, ar_loss
+    from embedder.tasks.models import RetroARModel
 
 
 class RetroARTask(RetroMAETask):
@@ -73,6 +43,8 @@ class RetroARTask(RetroMAETask):
     uses_decoder_mask = False
 
     def build(self, device) -> RetroARModel:
+        from embedder.tasks.models import RetroARModel
+
         encoder, head = self.load_encoder(device)
         _, limit = self.tokenizer_and_limit()
         return RetroARModel(encoder, head, limit).to(device).train()

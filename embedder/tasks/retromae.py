@@ -34,71 +34,26 @@ its own learned position embeddings, added to both streams.
 
 Only the encoder is saved (:meth:`embedder.Encoder.save`, pooling ``cls``, the model's own normalize
 setting): ``Encoder.load(output_dir)`` and sentence-transformers load it as a plain encoder.
+
+The trained module is :class:`embedder.tasks.models.RetroMAEModel`; this module imports no torch (its methods
+load it).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
 from embedder.errors import UserError
 from embedder.masking import enhanced_decoding_mask
 from embedder.tasks.base import TaskOptions
-from embedder.tasks.decoders import DecoderLayer, Positions
-from embedder.tasks.masked_lm import MaskedTextTask, as_tensors, check_ratio, masked_lm_batch, masked_lm_loss, \
-    reconstruction_labels
+from embedder.tasks.masked_lm import MaskedTextTask, as_tensors, check_ratio, masked_lm_batch, reconstruction_labels
 
+if TYPE_CHECKING:
+    import torch
 
-class RetroMAEModel(nn.Module):
-    """The trained parts: ``encoder`` (an :class:`embedder.Encoder`, pooling cls), ``head`` (its MLM head),
-    ``decoder`` (a :class:`DecoderLayer`) and ``positions``. ``forward(**batch)`` -> (loss, encoder MLM loss,
-    decoder loss)."""
-
-    def __init__(self, encoder, head: nn.Module, limit: int, vocab_embeddings: nn.Module | None = None,
-                 vocab_config=None):
-        super().__init__()
-        self.encoder = encoder
-        self.head = head
-        # the embedding layer (and config) of the vocabulary the decoder reads: the encoder's own, or (custom)
-        # the main model's
-        self.vocab_embeddings = vocab_embeddings
-        config = vocab_config if vocab_config is not None else encoder.model.config
-        self.decoder = DecoderLayer(config)
-        self.positions = Positions(self.embeddings(), config, limit)
-
-    def embeddings(self) -> nn.Module:
-        if self.vocab_embeddings is not None:
-            return self.vocab_embeddings
-        emb = getattr(self.encoder.model, "embeddings", None)
-        if emb is None:
-            raise UserError(f"the encoder (model type {self.encoder.model.config.model_type!r}) has no "
-                            f"'embeddings' layer for the decoder to read; use a BERT-like encoder")
-        return emb
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, L, D] of the (masked) encoder input, in the decoder's width."""
-        return self.encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    def streams(self, cls: torch.Tensor, decoder_input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Enhanced decoding's two streams from the sentence embedding ``cls`` [B, 1, D] and the decoder input
-        [B, L]: query ``h1 = cls + p`` and content ``h2 = [cls, e(x_1..)]`` (each [B, L, D])."""
-        pos = self.positions(decoder_input_ids.shape[1], decoder_input_ids.device)
-        content = self.embeddings()(input_ids=decoder_input_ids)
-        if self.positions.own:
-            content = content + pos
-        content = content.to(cls.dtype) if content.dtype != cls.dtype else content
-        h1 = cls + pos.to(cls.dtype)
-        h2 = torch.cat([cls, content[:, 1:]], dim=1)
-        return h1, h2
-
-    def forward(self, input_ids, attention_mask, labels, decoder_input_ids, decoder_labels, decoder_attention):
-        hidden = self.encode(input_ids, attention_mask)
-        enc_loss = masked_lm_loss(self.head, hidden, labels)
-        h1, h2 = self.streams(hidden[:, :1], decoder_input_ids)
-        out = self.decoder(h1, h2, visible=decoder_attention)
-        dec_loss = masked_lm_loss(self.head, out, decoder_labels)
-        return enc_loss + dec_loss, enc_loss, dec_loss
+    from embedder.tasks.models import RetroMAEModel
 
 
 # ====================================================================== the task
@@ -126,6 +81,8 @@ class RetroMAETask(MaskedTextTask):
         return "cls"
 
     def build(self, device) -> RetroMAEModel:
+        from embedder.tasks.models import RetroMAEModel
+
         encoder, head = self.load_encoder(device)
         _, limit = self.tokenizer_and_limit()
         return RetroMAEModel(encoder, head, limit).to(device).train()
