@@ -173,6 +173,7 @@ def save_checkpoint(cfg: TrainConfig, step: int, module, optimizer, scheduler, s
             json.dump({"step": step, "task": cfg.task_name(), "batch_size": cfg.batch_size, "seed": cfg.seed,
                        "grad_accum": cfg.grad_accum, "num_workers": cfg.num_workers, "max_steps": cfg.max_steps,
                        "train_file": os.path.abspath(cfg.train_file), **_model_spec(cfg),
+                       "task_options": _task_options(cfg),
                        "inputs": inputs, "time": time.time()},
                       f, indent=2)
     if cfg.keep_checkpoints:
@@ -227,6 +228,14 @@ _OPTION_NAMES = {"train_file": "--train-file", "model": "--model", "model_config
                  "tokenizer": "--tokenizer", "document_model": "--document-model"}
 
 
+def _task_options(cfg: TrainConfig) -> dict:
+    """The task's declared options that change the trained model, as this run has them
+    (:meth:`embedder.tasks.base.Task.recorded_options`)."""
+    from embedder.tasks import task_class
+
+    return task_class(cfg.task).recorded_options(cfg.options)
+
+
 def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int, inputs: dict[str, str]) -> None:
     spec = [(k, v) for k, v in _model_spec(cfg).items() if k in meta]   # older checkpoints lack these keys
     spec += [("train_file", os.path.abspath(cfg.train_file))] if "train_file" in meta else []
@@ -234,6 +243,12 @@ def _check_resumable(cfg: TrainConfig, meta: dict, where: Path, max_steps: int, 
         if meta.get(key) != now:
             raise UserError(f"--resume {where}: that checkpoint was written with {key}={meta.get(key)!r}, this run "
                             f"has {key}={now!r}; resume with the same settings or start a new --output-dir")
+    then_options = meta.get("task_options")   # older checkpoints lack them
+    for key, now in (_task_options(cfg).items() if then_options is not None else ()):
+        if key in then_options and then_options[key] != now:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"--resume {where}: that checkpoint was written with {flag} {then_options[key]!r}, this "
+                            f"run has {flag} {now!r}; resume with the same settings or start a new --output-dir")
     stored = meta.get("inputs") or {}
     earlier = [k for k, then in stored.items() if not str(then).startswith(DIGEST_PREFIX)]
     if earlier:   # digests of an older rule (whole files up to 64 MiB): not comparable with this rule's

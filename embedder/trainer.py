@@ -68,6 +68,7 @@ from embedder.checkpoints import (CHECKPOINTS, LOSS_LOG, META_FILE, MODEL_MANIFE
                                   refuse_existing_run, resolve_resume, save_checkpoint, save_model)
 from embedder.errors import UserError
 from embedder.settings import no_hf_bars
+from embedder.tasks import task_class
 from embedder.tasks.base import Task, TaskOptions
 from embedder.train_ray import Gather, _train_ray
 
@@ -121,8 +122,7 @@ class TrainConfig:
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
         out["task"] = self.task_name()
-        out["options"] = dataclasses.asdict(self.options)
-        out["options"]["matryoshka_dims"] = list(self.options.matryoshka_dims)
+        out["options"] = self.options.to_json()
         return out
 
 
@@ -223,22 +223,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise UserError(f"--output-dir {cfg.output_dir}: exists and is not a directory")
     if cfg.tensorboard:
         _summary_writer_class()
-    task_class(cfg.task)
+    task_class(cfg.task).resolve_options(cfg.options)   # a bad task option fails before anything loads
     if cfg.resume:
         resolve_resume(cfg)          # a resume with nothing to resume from fails before anything loads
     else:
         refuse_existing_run(cfg, finished=False)
-
-
-def task_class(task) -> type[Task]:
-    if isinstance(task, str):
-        from embedder.tasks import get_task
-
-        t = get_task(task)
-        return t if isinstance(t, type) else type(t)
-    if isinstance(task, type) and issubclass(task, Task):
-        return task
-    raise UserError(f"task {task!r}: give a task name or a Task subclass")
 
 
 def _summary_writer_class():
@@ -532,8 +521,9 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def absolute(p):
         return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) else p
 
-    options = dataclasses.replace(cfg.options, **{k: _local_path(getattr(cfg.options, k))
-                                                  for k in ("model", "model_config", "tokenizer", "document_model")})
+    options = cfg.options.replace(**{k: _local_path(getattr(cfg.options, k))
+                                     for k in ("model", "model_config", "tokenizer", "document_model")
+                                     if getattr(cfg.options, k) is not None})
     return dataclasses.replace(cfg, train_file=absolute(cfg.train_file), output_dir=absolute(cfg.output_dir),
                                tensorboard=absolute(cfg.tensorboard), options=options,
                                resume=cfg.resume if cfg.resume in (None, "latest") else absolute(cfg.resume))

@@ -102,7 +102,8 @@ class RetroCLI(click.Group):
             import importlib
 
             module, attr = LAZY_COMMANDS[name]
-            return getattr(importlib.import_module(module), attr)
+            found = getattr(importlib.import_module(module), attr)
+            return found if isinstance(found, click.Command) else found()   # a factory (train: built per registry)
         if name == "build":
             classes = all_stages()
             return stage_command("build", classes, f"Run every stage in order ({', '.join(c.name for c in classes)})."

@@ -23,6 +23,7 @@ def click_option(o: Option) -> click.Option:
     elif o.type is float:
         kw["type"] = click.FloatRange(min=o.minimum, min_open=o.open_minimum, max=o.maximum) \
             if o.minimum is not None or o.maximum is not None else float
-    shown = o.shown_default if o.shown_default is not None else (None if o.default is None else str(o.default))
+    shown = o.shown_default if o.shown_default is not None else \
+        (None if o.default is None or o.default is False else str(o.default))   # a flag is off unless given
     help_ = o.help + (f" [default: {shown}]" if shown else "")
     return click.Option([o.flag], help=help_, **kw)

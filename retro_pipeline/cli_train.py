@@ -12,33 +12,12 @@ import os
 
 import click
 
-from embedder.tasks import TASK_MODULES
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")   # embedder.trainer.PRECISIONS (not imported: keeps --help light)
-
-
-def _dims(ctx, param, value):
-    """'384,256,128' -> (384, 256, 128)."""
-    if value is None or not value.strip():
-        return ()
-    try:
-        dims = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give positive integers separated by commas, e.g. 384,256,128") from None
-    if any(d < 1 for d in dims):
-        raise click.BadParameter(f"{value!r}: every dimension must be a positive integer")
-    return dims
+from embedder.trainer import PRECISIONS   # imports no torch
 
 
-@click.command("train", context_settings={"max_content_width": 110})
-@click.option("--task", required=True, type=click.Choice(list(TASK_MODULES)),
-              help="retromae / retroar: pre-train an encoder on raw text (masked encoder + light decoder; "
-                   "rows {'text': ...}); mlm: masked-language-model pre-training; all three can start from "
-                   "a random init (--model-config, --tokenizer); contrastive: fine-tune on query/positive pairs with in-batch "
-                   "(+ hard) negatives (rows {'query', 'pos'[, 'neg']}); custom: a query encoder trained "
-                   "against a separate document encoder (--document-model).")
-@click.option("--model", help="Encoder to start from: a model directory (e.g. an earlier train --output-dir) or a "
-                              "hub id; default the packaged all-MiniLM-L6-v2.")
+@click.command("train", context_settings={"max_content_width": 110},
+               short_help="Train (or pre-train) the encoder the pipeline embeds with.")
 @click.option("--train-file", required=True, type=click.Path(dir_okay=False),
               help="JSONL training rows (optionally .gz), one JSON object per line; a bad row stops the run "
                    "with one line naming file:line.")
@@ -94,40 +73,10 @@ def _dims(ctx, param, value):
 @click.option("--address", help="Ray cluster address; none starts a local Ray when --num-workers > 1.")
 @click.option("--gpu/--cpu", "use_gpu", default=None,
               help="Train on GPUs (one per worker) or on CPUs [default: GPUs when there are any].")
-@click.option("--max-length", type=click.IntRange(min=2), help="Tokens per text [default: 128].")
-@click.option("--mask-ratio", type=click.FloatRange(min=0, max=1),
-              help="retromae / retroar: share of encoder tokens masked [default: 0.3].")
-@click.option("--decoder-mask-ratio", type=click.FloatRange(min=0, max=1),
-              help="retromae: share of positions each decoder row hides (enhanced decoding) [default: 0.5].")
-@click.option("--mlm-probability", type=click.FloatRange(min=0, max=1),
-              help="mlm: share of tokens masked [default: 0.15].")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
-              help="contrastive: softmax temperature of the scores [default: 0.02].")
-@click.option("--learnable-temperature", is_flag=True, help="contrastive: learn the temperature, starting at "
-                                                            "--temperature.")
-@click.option("--loss", type=click.Choice(["infonce", "margin", "logistic"]),
-              help="contrastive: infonce (softmax over in-batch + hard negatives), margin (hinge on the score "
-                   "gap) or logistic (pairwise) [default: infonce].")
-@click.option("--margin", type=float, help="contrastive --loss margin: the gap to enforce [default: 0.2].")
-@click.option("--matryoshka-dims", callback=_dims,
-              help="contrastive: also train the first D dimensions as embeddings, e.g. 384,256,128.")
-@click.option("--num-negatives", type=click.IntRange(min=0),
-              help="contrastive: hard negatives used per query (drawn from the row's 'neg') [default: all].")
-@click.option("--pooling", type=click.Choice(["cls", "mean", "mean-no-special"]),
-              help="contrastive, mlm: pooling of the saved encoder [default: the model's own, else mean]. "
-                   "retromae, retroar and custom train the [CLS] embedding and always save pooling cls.")
-@click.option("--model-config", type=click.Path(),
-              help="mlm, retromae, retroar: start from a random-init encoder built from this config.json (or a "
-                   "directory holding one; e.g. {\"model_type\": \"bert\", \"hidden_size\": 256, ...}) "
-                   "instead of --model.")
-@click.option("--tokenizer", type=click.Path(),
-              help="With --model-config: the tokenizer (a directory or tokenizer.json, e.g. from "
-                   "train-tokenizer --kind wordpiece).")
-@click.option("--document-model", help="custom: the separate document encoder (a directory or hub id).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_size, grad_accum, lr, weight_decay,
-                  warmup_steps, warmup_ratio, max_grad_norm, precision, seed, save_every, keep_checkpoints, resume,
-                  stop_after, log_every, tensorboard, num_workers, address, use_gpu, no_progress, **task_opts):
+def _train_base(task, train_file, output_dir, max_steps, epochs, batch_size, grad_accum, lr, weight_decay, warmup_steps,
+           warmup_ratio, max_grad_norm, precision, seed, save_every, keep_checkpoints, resume, stop_after, log_every,
+           tensorboard, num_workers, address, use_gpu, no_progress, **task_opts):
     """Train (or pre-train) the encoder the pipeline embeds with; the result is a model directory.
 
     \b
@@ -140,8 +89,7 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
     from embedder.tasks.base import TaskOptions
     from embedder.trainer import TrainConfig, refuse_existing_run, train
 
-    options = TaskOptions(model=model, **{k: v for k, v in task_opts.items()
-                                          if v is not None and v != () and v is not False})
+    options = TaskOptions(**{k: v for k, v in task_opts.items() if v is not None and v is not False})
     cfg = TrainConfig(task=task, train_file=train_file, output_dir=output_dir, options=options, lr=lr,
                       weight_decay=weight_decay, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
                       max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
@@ -172,6 +120,34 @@ def train_command(task, model, train_file, output_dir, max_steps, epochs, batch_
                    f"{s['checkpoints'][-1] if s.get('checkpoints') else s['output_dir']} (continue with the "
                    f"same command and --resume latest, with a later --stop-after or none)")
     return s
+
+
+def train_command() -> click.Command:
+    """The `train` command of the tasks registered now: the trainer's own options, then every option some task
+    declares (``Task.OPTIONS``; one flag for an option several tasks take, its help naming them), and
+    ``--task`` listing each task's summary. Built when asked for, so a task registered by a plugin or a test
+    gets its flags and help."""
+    from embedder.tasks import TASK_MODULES, get_task
+    from retro_pipeline.cli_options import click_option
+
+    tasks = {name: get_task(name) for name in TASK_MODULES}
+    declared: dict[str, tuple] = {}   # name -> (option, tasks taking it)
+    for name, cls in tasks.items():
+        for o in cls.OPTIONS:
+            if o.name in declared and declared[o.name][0] != o:
+                raise RuntimeError(f"option {o.name} is declared differently by tasks {declared[o.name][1]} and {name}")
+            declared.setdefault(o.name, (o, []))[1].append(name)
+    task_opt = click.Option(["--task"], required=True, type=click.Choice(list(tasks)),
+                            help="; ".join(f"{n}: {c.summary}" for n, c in tasks.items()) + ".")
+    own = []
+    for o, takers in declared.values():
+        opt = click_option(o)
+        if len(takers) < len(tasks):
+            opt.help = f"{', '.join(takers)}: {opt.help[:1].lower()}{opt.help[1:]}"
+        own.append(opt)
+    base = _train_base
+    return click.Command("train", callback=base.callback, params=[task_opt, *base.params[:-1], *own, base.params[-1]],
+                         help=base.help, short_help=base.short_help, context_settings=base.context_settings)
 
 
 def _resume_hint(output_dir: str) -> str:

@@ -63,8 +63,10 @@ def test_commands_register_lazily_and_python_dash_m_runs_the_cli():
         assert f"\n  {name} " in r.stdout, name
     r = subprocess.run([sys.executable, "-m", "retro_pipeline", "train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--grad-accum" in r.stdout, r.stderr
-    code = ("import sys; from retro_pipeline.cli import cli\n"
-            "try:\n    cli(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'ray', 'faiss', 'transformers', 'h5py') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "mine-negatives" in out and out.strip().endswith("[]"), out
+    for args in (["--help"], ["train", "--help"]):   # train --help reads every task's declared options
+        code = ("import sys; from retro_pipeline.cli import cli\n"
+                f"try:\n    cli({args!r})\nexcept SystemExit:\n    pass\n"
+                "print(sorted(m for m in ('torch', 'ray', 'faiss', 'transformers', 'h5py') if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert ("mine-negatives" if args == ["--help"] else "--mlm-probability") in out, out
+        assert out.strip().endswith("[]"), out

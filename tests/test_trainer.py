@@ -522,3 +522,57 @@ def test_train_unreachable_address_fails_fast(tmp_path, tiny_bert_dir, pairs_fil
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: --address 127.0.0.1:{port}"), r.stderr[-2000:]
     assert time.monotonic() - t0 < 60 and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- tasks declare their options
+
+
+def test_a_registered_task_gets_its_flags_help_checkpoint_settings_and_resume_check(tmp_path, tiny_bert_dir,
+                                                                                   pairs_file):
+    """A task is one module: registering one (here a module made in the test) gives `train --task` its name,
+    its declared option as a flag with its help, the option's value in checkpoints, and a resume that
+    refuses another value; another task refuses the flag."""
+    import types
+
+    from embedder.options import Option
+    from embedder.tasks import register_task, unregister_task
+
+    class ToyTask(PairTask):
+        name = "toy"
+        summary = "a test's own task"
+        OPTIONS = PairTask.OPTIONS + (Option("noise_level", float, 0.0, "Share of tokens the toy masks.",
+                                             minimum=0, maximum=1),)
+
+        def __init__(self, options=None):
+            super().__init__(options)
+            self.options.extra["noise"] = self.options.noise_level
+
+    module = types.ModuleType("toy_task_module")
+    module.TASK = ToyTask
+    sys.modules[module.__name__] = module
+    register_task("toy", module.__name__)
+    try:
+        h = CliRunner().invoke(cli, ["train", "--help"])
+        assert h.exit_code == 0 and "--noise-level" in h.output and "toy: share of tokens the toy masks" in \
+            " ".join(h.output.split()) and "a test's own task" in " ".join(h.output.split()), h.output
+        out = str(tmp_path / "toy")
+        args = ["train", "--task", "toy", "--model", tiny_bert_dir, "--train-file", pairs_file, "--output-dir", out,
+                "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--save-every", "1", "--no-progress"]
+        r = CliRunner().invoke(cli, [*args, "--noise-level", "0.2", "--stop-after", "1"])
+        assert r.exit_code == 0, (r.output, r.exception)
+        meta = json.load(open(os.path.join(out, CHECKPOINTS, "step-1", META_FILE)))
+        assert meta["task_options"] == {"max_length": 32, "pooling": None, "noise_level": 0.2}
+        r = CliRunner().invoke(cli, [*args, "--noise-level", "0.3", "--resume", "latest"])
+        assert r.exit_code == 2 and "--noise-level 0.2" in r.output and "--noise-level 0.3" in r.output, r.output
+        r = CliRunner().invoke(cli, [*args, "--noise-level", "0.2", "--resume", "latest"])
+        assert r.exit_code == 0 and "trained toy for 2 steps" in r.output, (r.output, r.exception)
+        assert json.load(open(os.path.join(out, TRAINING_ARGS)))["options"]["noise_level"] == 0.2
+        r = CliRunner().invoke(cli, ["train", "--task", "contrastive", "--train-file", pairs_file, "--output-dir",
+                                     str(tmp_path / "c"), "--noise-level", "0.1"])
+        assert r.exit_code == 2 and "--noise-level: an option of task toy, not of task contrastive" in r.output
+        with pytest.raises(UserError, match="must be at most 1"):           # the declaration checks values
+            ToyTask(TaskOptions(noise_level=2.0))
+    finally:
+        unregister_task("toy")
+        sys.modules.pop(module.__name__, None)
+    assert "--noise-level" not in CliRunner().invoke(cli, ["train", "--help"]).output

@@ -12,53 +12,89 @@ Determinism contract (what makes ``--resume`` exact and two workers equal one): 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 
 from embedder.errors import UserError
+from embedder.options import Option
+from embedder.settings import POOLINGS
 
 
-@dataclass
+# ---------------------------------------------------------------------- options
+
+# Options more than one task takes; each task lists the options it takes in ``Task.OPTIONS``.
+MODEL = Option("model", str, None, "Encoder to start from: a model directory (e.g. an earlier train --output-dir) "
+               "or a hub id.", path=True, shown_default="the packaged all-MiniLM-L6-v2")
+MAX_LENGTH = Option("max_length", int, 128, "Tokens per text (at most the encoder's own maximum).", minimum=2)
+POOLING = Option("pooling", str, None, "Pooling of the saved encoder (retromae, retroar and custom train the [CLS] "
+                 "embedding and take only cls).", choices=POOLINGS, shown_default="the model's own, else mean; cls")
+MODEL_CONFIG = Option("model_config", object, None,
+                      "Start from a random-init encoder built from this config.json (or a directory holding one; e.g. "
+                      "{\"model_type\": \"bert\", \"hidden_size\": 256, ...}) instead of --model.", path=True)
+TOKENIZER = Option("tokenizer", str, None, "With --model-config: the tokenizer (a directory or tokenizer.json, e.g. "
+                   "from train-tokenizer --kind wordpiece).", path=True)
+MASK_RATIO = Option("mask_ratio", float, 0.3, "Share of each text's tokens masked in the encoder's input (above 0, "
+                    "below 1).")
+DECODER_MASK_RATIO = Option("decoder_mask_ratio", float, 0.5, "Share of positions each decoder row hides "
+                            "(enhanced decoding; 0 or more, below 1).")
+
+
 class TaskOptions:
-    """Options a task may read; the trainer fills them from the command line. Unknown task-specific ones go
-    in ``extra``."""
+    """The values of a run's task options, by name (``options.mask_ratio``), plus ``extra`` (a dict for a
+    task's own settings outside the command line). Built from keyword arguments; :class:`Task` resolves them
+    against what it declares (``Task.OPTIONS``): every declared option not given reads as its default, and a
+    value given for an option the task does not take is an error. Outside a task, a name not given reads as
+    None."""
 
-    model: str | None = None                  # encoder to start from: a directory or hub id (None: packaged MiniLM)
-    model_config: str | None = None           # mlm/retromae/retroar: a config.json (or directory): a random-init encoder
-    tokenizer: str | None = None              # with model_config: tokenizer directory / tokenizer.json (train-tokenizer)
-    document_model: str | None = None         # custom: the separate document encoder
-    pooling: str | None = None                # the saved encoder's pooling (None: the model's own, else mean)
-    max_length: int = 128                     # tokens per text
-    mask_ratio: float = 0.3                   # retromae / retroar encoder masking
-    decoder_mask_ratio: float = 0.5           # retromae enhanced decoding: share of positions hidden per row
-    mlm_probability: float = 0.15             # mlm
-    temperature: float = 0.02                 # contrastive
-    learnable_temperature: bool = False
-    loss: str = "infonce"                     # contrastive: infonce | margin | logistic
-    margin: float = 0.2
-    matryoshka_dims: tuple[int, ...] = ()     # contrastive: also train truncated embeddings of these sizes
-    num_negatives: int | None = None          # contrastive: hard negatives per query used (None: all given)
-    extra: dict[str, Any] = field(default_factory=dict)
+    def __init__(self, **values: Any):
+        extra = values.pop("extra", None)
+        self.__dict__.update(values)
+        self.extra = dict(extra or {})
+
+    def __getattr__(self, name: str) -> Any:   # only for names not set
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def given(self) -> dict[str, Any]:
+        """The values set (not None), ``extra`` left out."""
+        return {k: v for k, v in self.__dict__.items() if k != "extra" and v is not None}
+
+    def replace(self, **values: Any) -> "TaskOptions":
+        return TaskOptions(**{**self.__dict__, **values})
+
+    def to_json(self) -> dict[str, Any]:
+        def plain(v):
+            return list(v) if isinstance(v, tuple) else v
+
+        return {**{k: plain(v) for k, v in self.__dict__.items() if k != "extra"}, "extra": dict(self.extra)}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TaskOptions) and self.__dict__ == other.__dict__
+
+    def __repr__(self) -> str:
+        return f"TaskOptions({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
 
 
 class Task:
-    """Base class of a training objective. Subclasses set ``name`` and ``row_kind`` and implement the rest."""
+    """Base class of a training objective. Subclasses set ``name``, ``summary``, ``row_kind`` and ``OPTIONS``
+    and implement the rest.
+
+    ``OPTIONS`` are the task's options (:class:`embedder.options.Option`; a module defining a task must import
+    no torch, so that ``train --help`` reads every task's options quickly): the ``train`` command's flags,
+    their help and defaults, the values a checkpoint records and a resume must match (those that
+    ``changes_output``) all come from them."""
 
     name: str = ""
+    summary: str = ""        # one line for `train --help`: what the task trains, on which rows
     row_kind: str = "text"   # "text" (pre-training rows: text) or "pairs" (query + positive [+ neg])
-    from_config = False      # whether options.model_config + options.tokenizer can build a random-init encoder
+    OPTIONS: tuple[Option, ...] = (MODEL, MAX_LENGTH, POOLING)
 
-    def __init__(self, options: TaskOptions):
-        self.options = options
+    def __init__(self, options: TaskOptions | None = None):
+        self.options = self.resolve_options(options or TaskOptions())
+        options = self.options
         if options.model_config is not None or options.tokenizer:
-            if not self.from_config:
-                from embedder.tasks import TASK_MODULES, get_task
-
-                able = [n for n in TASK_MODULES if get_task(n).from_config]
-                raise UserError(f"task {self.name} starts from a trained encoder (--model); --model-config and "
-                                f"--tokenizer build a random-init encoder for tasks {', '.join(able)} only")
             if options.model_config is not None and options.model is not None:
                 raise UserError(f"task {self.name}: both --model ({options.model}) and --model-config "
                                 f"({options.model_config}) given; pass --model to continue from a trained encoder, "
@@ -70,6 +106,37 @@ class Task:
                 raise UserError(f"task {self.name} builds a new encoder from model_config and needs its tokenizer: "
                                 f"pass tokenizer (--tokenizer), a directory or tokenizer.json from retro-pipeline "
                                 f"train-tokenizer --kind wordpiece")
+
+    @classmethod
+    def resolve_options(cls, options: TaskOptions) -> TaskOptions:
+        """``options`` as this task reads them: each declared option checked (``Option.check``) or its default;
+        a value for an option the task does not declare is a :class:`UserError` naming the tasks that take it."""
+        declared = {o.name: o for o in cls.OPTIONS}
+        given = options.given()
+        stray = [k for k in given if k not in declared]
+        if stray:
+            from embedder.tasks import options_by_task
+
+            takes = options_by_task()
+            if "model_config" in stray or "tokenizer" in stray:
+                raise UserError(f"task {cls.name} starts from a trained encoder (--model); --model-config and "
+                                f"--tokenizer build a random-init encoder for tasks "
+                                f"{', '.join(takes['model_config'])} only")
+            name = stray[0]
+            flag = "--" + name.replace("_", "-")
+            others = takes.get(name)
+            where = f"an option of task {', '.join(others)}" if others else "not an option of any task"
+            raise UserError(f"{flag}: {where}, not of task {cls.name}; leave it out, or pick the task that takes it")
+        values = {o.name: o.check(given[o.name]) if o.name in given else o.default for o in cls.OPTIONS}
+        return TaskOptions(**values, extra=options.extra)
+
+    @classmethod
+    def recorded_options(cls, options: TaskOptions) -> dict[str, Any]:
+        """The values of this task's options that change the trained model (what a checkpoint records and a
+        resume must match), JSON-ready; paths and models are matched by :mod:`embedder.checkpoints` itself."""
+        resolved = cls.resolve_options(options).to_json()
+        return {o.name: resolved[o.name] for o in cls.OPTIONS
+                if o.changes_output and o.name not in ("model", "model_config", "tokenizer", "document_model")}
 
     # ---- model
     def build(self, device) -> "Any":

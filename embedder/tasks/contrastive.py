@@ -34,7 +34,8 @@ import numpy as np
 
 from embedder.data import doc_key, pair_row
 from embedder.errors import UserError
-from embedder.tasks.base import Task, TaskOptions
+from embedder.options import Option
+from embedder.tasks.base import MAX_LENGTH, MODEL, POOLING, Task, TaskOptions
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +44,37 @@ if TYPE_CHECKING:
 
 LOSSES = ("infonce", "margin", "logistic")
 PARTS = ("q", "d", "n")   # a batch's texts: queries, positives (documents), hard negatives
+
+
+def _loss_name(value: str) -> str:
+    if value not in LOSSES:
+        raise UserError(f"unknown contrastive loss {value!r}; use one of {', '.join(LOSSES)}")
+    return value
+
+
+def _dims(value) -> tuple[int, ...]:
+    """'384,256,128' (or a sequence of ints) -> (384, 256, 128)."""
+    try:
+        dims = tuple(int(x) for x in (value.split(",") if isinstance(value, str) else value) if str(x).strip())
+    except (TypeError, ValueError):
+        dims = None
+    if dims is None or any(d < 1 for d in dims):
+        raise UserError(f"--matryoshka-dims {value!r}: give positive integers separated by commas, e.g. 384,256,128")
+    return dims
+
+
+OPTIONS = (
+    MODEL, MAX_LENGTH, POOLING,
+    Option("temperature", float, 0.02, "Softmax temperature of the scores.", minimum=0, open_minimum=True),
+    Option("learnable_temperature", bool, False, "Learn the temperature, starting at --temperature (at most 1)."),
+    Option("loss", str, "infonce", "infonce (softmax over in-batch + hard negatives), margin (hinge on the score gap) "
+           "or logistic (pairwise).", normalize=_loss_name),
+    Option("margin", float, 0.2, "With --loss margin: the gap to enforce."),
+    Option("matryoshka_dims", str, (), "Also train the first D dimensions as embeddings, e.g. 384,256,128.",
+           normalize=_dims, shown_default="none"),
+    Option("num_negatives", int, None, "Hard negatives used per query (drawn from the row's 'neg').", minimum=0,
+           shown_default="all"),
+)
 
 
 def text_key(text: str) -> int:
@@ -68,23 +100,15 @@ def _padded(tokenizer, texts: list[str], limit: int, part: str) -> dict[str, tor
 
 class ContrastiveTask(Task):
     name = "contrastive"
+    summary = "fine-tune on query/positive pairs with in-batch (+ hard) negatives (rows {'query', 'pos'[, 'neg']})"
     row_kind = "pairs"
+    OPTIONS = OPTIONS
 
-    def __init__(self, options: TaskOptions):
+    def __init__(self, options: TaskOptions | None = None):
         super().__init__(options)
-        o = options
-        if o.loss not in LOSSES:
-            raise UserError(f"unknown contrastive loss {o.loss!r}; use one of {', '.join(LOSSES)}")
-        if not o.temperature > 0:
-            raise UserError(f"temperature={o.temperature!r} must be positive")
+        o = self.options
         if o.learnable_temperature and o.temperature > 1.0:
             raise UserError(f"a learnable temperature starts at most at 1.0, not {o.temperature}")
-        if o.num_negatives is not None and (not isinstance(o.num_negatives, int) or o.num_negatives < 0):
-            raise UserError(f"num_negatives={o.num_negatives!r} must be a non-negative integer (or unset: all)")
-        if any(not isinstance(m, int) or m < 1 for m in o.matryoshka_dims):
-            raise UserError(f"matryoshka dims {list(o.matryoshka_dims)} must be positive integers")
-        if not isinstance(o.max_length, int) or o.max_length < 2:
-            raise UserError(f"max_length={o.max_length!r} must be an integer of at least 2")
 
     # ------------------------------------------------------------------ model
 

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 from embedder.errors import UserError, first_line
 from embedder.settings import MODEL_FIX, check_model_dir, load_errors, read_settings, resolve_model
-from embedder.tasks.base import TaskOptions
+from embedder.options import Option
+from embedder.tasks.base import DECODER_MASK_RATIO, MASK_RATIO, MAX_LENGTH, MODEL, POOLING, TaskOptions
 from embedder.tasks.retromae import RetroMAETask
 
 if TYPE_CHECKING:
@@ -62,11 +63,13 @@ class CustomTask(RetroMAETask):
     ``mask_ratio``, ``decoder_mask_ratio``, ``max_length``."""
 
     name = "custom"
-    from_config = False      # the main model and the document encoder are both trained encoders
+    summary = "RetroMAE of a separate --document-model against --model's vocabulary, decoder and MLM head"
+    OPTIONS = (MODEL, Option("document_model", str, None, "The separate document encoder (a directory or hub id); "
+                             "required.", path=True), MAX_LENGTH, POOLING, MASK_RATIO, DECODER_MASK_RATIO)
 
-    def __init__(self, options: TaskOptions):
+    def __init__(self, options: TaskOptions | None = None):
         super().__init__(options)
-        if not options.document_model:
+        if not self.options.document_model:
             raise UserError("task custom needs a document encoder: pass document_model (--document-model), a "
                             "Hugging Face encoder directory or hub id")
 

@@ -166,11 +166,9 @@ class MaskedTextTask(Task):
     #: whether the sentence embedding is the hidden state at position 0 (the tokenizer must put [CLS] there)
     leading_special = False
 
-    def __init__(self, options: TaskOptions):
+    def __init__(self, options: TaskOptions | None = None):
         super().__init__(options)
-        check_ratio(self.ratio_option, getattr(options, self.ratio_option))
-        if not isinstance(options.max_length, int) or isinstance(options.max_length, bool) or options.max_length < 2:
-            raise UserError(f"max_length={options.max_length!r} must be an integer of at least 2")
+        check_ratio(self.ratio_option, getattr(self.options, self.ratio_option))
         self._config = None      # with model_config: the transformers config the random init is built from
 
     def check_row(self, row: dict, where: str) -> dict:

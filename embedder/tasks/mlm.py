@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embedder.options import Option
+from embedder.tasks.base import MAX_LENGTH, MODEL, MODEL_CONFIG, POOLING, TOKENIZER
 from embedder.tasks.masked_lm import MaskedTextTask, as_tensors, masked_lm_batch
 from embedder.tasks.scratch import load_tokenizer
 
@@ -47,9 +49,10 @@ class MLMTask(MaskedTextTask):
     ``mlm_probability``, ``max_length``, ``pooling``."""
 
     name = "mlm"
+    summary = "masked-language-model pre-training (rows {'text'}; from --model or a random init)"
     ratio_option = "mlm_probability"
-
-    from_config = True
+    OPTIONS = (MODEL, MODEL_CONFIG, TOKENIZER, MAX_LENGTH, POOLING,
+               Option("mlm_probability", float, 0.15, "Share of tokens masked (above 0, below 1)."))
 
     def build(self, device) -> MLMModel:
         from embedder.tasks.models import MLMModel

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embedder.tasks.base import MASK_RATIO, MAX_LENGTH, MODEL, MODEL_CONFIG, POOLING, TOKENIZER
 from embedder.tasks.masked_lm import as_tensors, masked_lm_batch, reconstruction_labels
 from embedder.tasks.retromae import RetroMAETask
 
@@ -40,6 +41,9 @@ class RetroARTask(RetroMAETask):
     """RetroAR (see the module docstring). Options as retromae's, less ``decoder_mask_ratio``."""
 
     name = "retroar"
+    summary = ("pre-train an encoder on raw text: masked encoder + one-layer autoregressive decoder (rows {'text'}; "
+               "from --model or a random init)")
+    OPTIONS = (MODEL, MODEL_CONFIG, TOKENIZER, MAX_LENGTH, POOLING, MASK_RATIO)
     uses_decoder_mask = False
 
     def build(self, device) -> RetroARModel:

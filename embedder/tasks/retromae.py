@@ -47,7 +47,8 @@ import numpy as np
 
 from embedder.errors import UserError
 from embedder.masking import enhanced_decoding_mask
-from embedder.tasks.base import TaskOptions
+from embedder.tasks.base import DECODER_MASK_RATIO, MASK_RATIO, MAX_LENGTH, MODEL, MODEL_CONFIG, POOLING, TOKENIZER, \
+    TaskOptions
 from embedder.tasks.masked_lm import MaskedTextTask, as_tensors, check_ratio, masked_lm_batch, reconstruction_labels
 
 if TYPE_CHECKING:
@@ -64,18 +65,20 @@ class RetroMAETask(MaskedTextTask):
     ``decoder_mask_ratio``, ``max_length``; ``pooling`` must be unset or ``cls``."""
 
     name = "retromae"
+    summary = ("pre-train an encoder on raw text: masked encoder + one-layer enhanced decoder (rows {'text'}; "
+               "from --model or a random init: --model-config, --tokenizer)")
+    OPTIONS = (MODEL, MODEL_CONFIG, TOKENIZER, MAX_LENGTH, POOLING, MASK_RATIO, DECODER_MASK_RATIO)
 
     leading_special = True   # the sentence embedding is the [CLS] hidden state
     uses_decoder_mask = True
-    from_config = True       # model_config + tokenizer: pre-train a random-init encoder
 
-    def __init__(self, options: TaskOptions):
+    def __init__(self, options: TaskOptions | None = None):
         super().__init__(options)
         if self.uses_decoder_mask:
-            check_ratio("decoder_mask_ratio", options.decoder_mask_ratio, low_open=False)
-        if options.pooling not in (None, "cls"):
+            check_ratio("decoder_mask_ratio", self.options.decoder_mask_ratio, low_open=False)
+        if self.options.pooling not in (None, "cls"):
             raise UserError(f"{self.name} trains the [CLS] embedding: pooling must be 'cls' (or unset), not "
-                            f"{options.pooling!r}")
+                            f"{self.options.pooling!r}")
 
     def encoder_pooling(self) -> str:
         return "cls"
