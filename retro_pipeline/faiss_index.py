@@ -61,7 +61,10 @@ def quiet_native_output():
 
 
 def parts(index) -> list:
-    """The index and its inner indexes (pre-transform → index; IVF → its quantizer), downcast."""
+    """The index and its inner indexes (pre-transform → index; IVF → its quantizer), downcast; of a
+    :class:`ShardedIndex`, those of every shard."""
+    if isinstance(index, ShardedIndex):
+        return [p for shard in index.shards for p in parts(shard)]
     f = faiss()
     out = []
     idx = f.downcast_index(index)
@@ -341,6 +344,75 @@ def add_codes_on_disk(index, blocks, lists_dir, scratch) -> Any:
     return index
 
 
+# ---------------------------------------------------------------------- shards and searching
+
+
+class ShardedIndex:
+    """An index cut into shards by row: each shard holds the codes of a contiguous range of train-DB rows (ids
+    stay train-DB rows), and every shard is the same trained index (quantizer, codebooks, transforms).
+    :meth:`search` searches each and merges their top-k (:func:`merge_results`). With a shared coarse quantizer
+    every shard probes the lists the whole index would, with the same codes in them, so the merged result is
+    the whole index's search."""
+
+    def __init__(self, shards: list):
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        self.shards = shards
+        self.d = shards[0].d
+        self.metric_type = shards[0].metric_type
+
+    @property
+    def ntotal(self) -> int:
+        return sum(int(s.ntotal) for s in self.shards)
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        found = [shard.search(x, k) for shard in self.shards]
+        return merge_results([d for d, _ in found], [i for _, i in found], k, self.metric_type)
+
+
+def merge_results(dists: list[np.ndarray], ids: list[np.ndarray], k: int, metric_type: int):
+    """The top ``k`` of several searches of the same queries ([n, k_i] distances and ids each): best first, ties
+    by id, missing (-1) last."""
+    f = faiss()
+    D, I = np.concatenate(dists, axis=1), np.concatenate(ids, axis=1).astype(np.int64)
+    higher_better = metric_type == f.METRIC_INNER_PRODUCT
+    key = np.where(I < 0, np.inf, -D if higher_better else D).astype(np.float64)
+    order = np.lexsort((np.where(I < 0, np.iinfo(np.int64).max, I), key), axis=1)[:, :k]
+    D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+    if D.shape[1] < k:  # fewer candidates than k in all: pad as faiss does
+        pad = k - D.shape[1]
+        D = np.concatenate([D, np.full((len(D), pad), -np.finfo(np.float32).max if higher_better else
+                                       np.finfo(np.float32).max, dtype=D.dtype)], axis=1)
+        I = np.concatenate([I, np.full((len(I), pad), -1, dtype=np.int64)], axis=1)
+    return D, I
+
+
+def search(index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with ties in distance ordered by id (a whole index and a sharded one give the same
+    rows; faiss leaves the order of ties to its heap)."""
+    D, I = index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+    if isinstance(index, ShardedIndex):
+        return D, I
+    return merge_results([D], [I], k, index.metric_type)
+
+
+def shard_bounds(row_ranges: list[tuple[int, int]], n_shards: int) -> list[tuple[int, int]]:
+    """Consecutive block ranges ``[(start, end), ...]`` grouped into at most ``n_shards`` contiguous groups
+    of about equal rows; returns each group's (first block index, end block index)."""
+    total = sum(e - s for s, e in row_ranges)
+    groups, first, done = [], 0, 0
+    for i, (s, e) in enumerate(row_ranges):
+        done += e - s
+        target = total * (len(groups) + 1) / n_shards
+        if done >= target and len(groups) < n_shards - 1:
+            groups.append((first, i + 1))
+            first = i + 1
+    if first < len(row_ranges):
+        groups.append((first, len(row_ranges)))
+    return groups
+
+
 # ---------------------------------------------------------------------- search parameters and recall
 
 
@@ -396,7 +468,7 @@ def tune(index, queries: np.ndarray, truth: np.ndarray, k: int, target: float, g
     for params in grid:
         set_search_params(index, params)
         t0 = time.perf_counter()
-        _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        _, found = search(index, queries, k)
         secs = time.perf_counter() - t0
         row = {**params, "recall@10": round(recall(found, truth, k10), 6), f"recall@{k}": round(recall(found, truth, k), 6),
                "queries_per_second": round(len(queries) / max(secs, 1e-9), 1)}

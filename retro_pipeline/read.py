@@ -234,11 +234,19 @@ class WorkdirReader:
         return out
 
     def index(self, mmap: bool = False):
-        """The built index (all train chunks added), with the tuned search parameters set."""
+        """The built index (all train chunks added), with the tuned search parameters set: one faiss index, or a
+        :class:`retro_pipeline.faiss_index.ShardedIndex` of the shards ``shards.json`` lists."""
         from retro_pipeline import faiss_index
+        from retro_pipeline.io import read_json
 
-        index = faiss_index.read_index(self.workdir.added_index_path(self.index_info()["index_str"]), "index",
-                                       mmap=mmap)
+        index_str = self.index_info()["index_str"]
+        listed = read_json(self.workdir.shards_path(index_str))
+        if listed is None:
+            index = faiss_index.read_index(self.workdir.added_index_path(index_str), "index", mmap=mmap)
+        else:   # --index-shards: every shard, searched as one (faiss_index.ShardedIndex)
+            index = faiss_index.ShardedIndex([
+                faiss_index.read_index(self.workdir.shards_dir(index_str) / sh["file"], "index shard", mmap=mmap)
+                for sh in listed["shards"]])
         faiss_index.set_search_params(index, self.search_params()["params"])
         return index
 

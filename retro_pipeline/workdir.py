@@ -9,8 +9,8 @@ Layout (Megatron's where a format exists, see docs/formats.md)::
     W/embed/<db>/<s>-<e>.hdf5             embedding blocks (dataset ``data``)
     W/index/index.json                    the index string chosen (``auto`` resolved), its dimension
     W/index/faiss-par-add/<index_str>/    empty_1.000.faissindex, queries.hdf5, add_codes/ and add_truth/
-                                          blocks, added_1.000_1.000.faissindex (+ .ivfdata/ on disk),
-                                          search.json
+                                          blocks, added_1.000_1.000.faissindex (+ .ivfdata/ on disk)
+                                          or shards/ + shards.json (--index-shards), search.json
     W/<stage>/                            the outputs of a stage without a Megatron format
     W/markers/<stage>/...                 block completion markers, the plan and the done marker
     W/logs/<time>-<pid>.log               one log per command
@@ -83,6 +83,16 @@ class Workdir:
     def added_lists_dir(self, index_str: str) -> Path:
         """The on-disk inverted lists of an added index larger than --index-memory (``lists.ivfdata``)."""
         return self.index_dir(index_str) / "added_1.000_1.000.ivfdata"
+
+    def shards_path(self, index_str: str) -> Path:
+        """``shards.json`` of an index cut into shards (--index-shards): the shard files and their row ranges."""
+        return self.index_dir(index_str) / "shards.json"
+
+    def shards_dir(self, index_str: str) -> Path:
+        return self.index_dir(index_str) / "shards"
+
+    def shard_path(self, index_str: str, i: int, n: int) -> Path:
+        return self.shards_dir(index_str) / f"added-{i:03d}-of-{n:03d}.faissindex"
 
     def queries_path(self, index_str: str) -> Path:
         return self.index_dir(index_str) / "queries.hdf5"

@@ -50,6 +50,46 @@ def test_block_codes_added_in_order_equal_a_serial_add(index_str):
     assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
 
 
+
+@pytest.mark.parametrize("index_str", ["IVF16,Flat", "IVF16,PQ8", "OPQ8_32,IVF16_HNSW8,PQ8", "Flat"])
+def test_sharded_search_equals_the_whole_index_search(index_str):
+    """Shards of contiguous rows, each a copy of the one trained index (same quantizer, codebooks and
+    transform), searched and merged, give the whole index's search row for row (ties by id); a vector stored
+    twice (a tie) comes back in id order either way."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x[2500] = x[100]                                      # an exact tie across two shards
+    q = np.concatenate([rng.standard_normal((60, 32)).astype(np.float32), x[100:101]])
+    empty = faiss_index.train(index_str, x[:2000], _Log())
+    whole = faiss.clone_index(empty)
+    whole.add(x)
+    shards = []
+    for s, e in ((0, 700), (700, 1500), (1500, 2900), (2900, 3000)):   # as index-add adds them: codes with ids
+        codes = empty.sa_encode(x[s:e])
+        shard = faiss.clone_index(empty) if faiss_index.ivf_of(empty) is not None else \
+            faiss.IndexIDMap(faiss.clone_index(empty))    # a Flat index takes ids through an IDMap
+        if isinstance(shard, faiss.IndexIDMap):
+            shard.add_with_ids(x[s:e], np.arange(s, e, dtype=np.int64))
+        else:
+            shard = faiss_index.add_codes(shard, codes, np.arange(s, e, dtype=np.int64))
+        shards.append(shard)
+    sharded = faiss_index.ShardedIndex(shards)
+    assert sharded.ntotal == whole.ntotal == 3000
+    for params in faiss_index.search_grid(whole)[:3]:
+        faiss_index.set_search_params(whole, params)
+        faiss_index.set_search_params(sharded, params)
+        dw, iw = faiss_index.search(whole, q, 10)
+        ds, is_ = faiss_index.search(sharded, q, 10)
+        assert np.array_equal(iw, is_), params
+        np.testing.assert_allclose(dw, ds, rtol=1e-5, atol=1e-5)
+        assert list(iw[-1, :2]) == [100, 2500]             # the tie, by id
+    # fewer rows than k in the shards together: what is found first, then -1 as faiss pads
+    d, i = faiss_index.search(faiss_index.ShardedIndex(shards[3:]), q[:2], 120)
+    assert (i[i >= 0] >= 2900).all() and (i[:, 100:] == -1).all() and (i[:, 0] >= 0).all()
+    assert (np.diff((i < 0).astype(int), axis=1) >= 0).all()
+    assert faiss_index.shard_bounds([(0, 10), (10, 20), (20, 30), (30, 40)], 2) == [(0, 2), (2, 4)]
+    assert faiss_index.shard_bounds([(0, 10), (10, 20)], 4) == [(0, 1), (1, 2)]
+
 @pytest.mark.slow  # trains an OPQ+IVF+PQ index twice: ~10 s
 def test_training_does_not_depend_on_the_thread_count(monkeypatch):
     x = np.random.default_rng(1).standard_normal((3000, 32)).astype(np.float32)
@@ -342,6 +382,34 @@ def test_an_index_larger_than_index_memory_keeps_its_lists_on_disk(tmp_path, pre
     sa, sb = a.search_params(), b.search_params()
     assert sa["params"] == sb["params"] and sa["recall@10"] == sb["recall@10"]
 
+
+
+def test_a_build_with_index_shards_saves_the_neighbors_of_a_whole_index(tmp_path, prefix, gpt_tokenizer_path,
+                                                                        tiny_bert_dir):
+    """--index-shards 3: index-add writes three shards of contiguous rows and shards.json (no whole index), the
+    tuned settings and recall are the whole index's, and query-neighbors saves byte-identical neighbors."""
+    from helpers import saved_neighbors
+    from retro_pipeline.io import read_json
+    from retro_pipeline.workdir import Workdir
+
+    stages = STAGES + ["query-neighbors"]
+    kw = dict(train_samples=6, seq_length=64)
+    run_stages(str(tmp_path / "one"), stages, given(prefix, gpt_tokenizer_path, tiny_bert_dir, **kw),
+               RunOptions(executor="local", progress=False))
+    out = run_stages(str(tmp_path / "three"), stages,
+                     given(prefix, gpt_tokenizer_path, tiny_bert_dir, index_shards=3, **kw),
+                     RunOptions(executor="local", progress=False))
+    assert out["index-add"]["index_shards"] == 3
+    one, three = Workdir(tmp_path / "one"), Workdir(tmp_path / "three")
+    listed = read_json(three.shards_path("IVF8,Flat"))
+    assert listed["n_shards"] == 3 and not three.added_index_path("IVF8,Flat").exists()
+    rows = [(sh["first_row"], sh["end_row"]) for sh in listed["shards"]]
+    assert rows[0][0] == 0 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    assert rows[-1][1] == sum(sh["ntotal"] for sh in listed["shards"]) == out["index-add"]["n_chunks_added"]
+    sa, sb = read_json(one.search_params_path("IVF8,Flat")), read_json(three.search_params_path("IVF8,Flat"))
+    assert sa["params"] == sb["params"] and sa["recall@10"] == sb["recall@10"]
+    a, b = saved_neighbors(tmp_path / "one", "train"), saved_neighbors(tmp_path / "three", "train")
+    assert a.shape == b.shape and a.shape[0] >= 6 * 4 and (a >= 0).any() and np.array_equal(a, b)
 
 def test_kept_embeddings_let_another_index_str_skip_embedding(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
     wd = tmp_path / "w"

@@ -64,6 +64,10 @@ class IndexAddStage(EmbeddingStage):
         Option("nprobe", str, "auto", "IVF lists searched per query, or auto (tuned).",
                normalize=auto_or_positive("--nprobe")),
         Option("ef_search", str, "auto", "HNSW efSearch, or auto (tuned).", normalize=auto_or_positive("--ef-search")),
+        Option("index_shards", int, 1, "Cut the added index into this many shards, each the codes of a contiguous "
+               "range of train-DB rows with the one trained quantizer and codebooks (index/.../shards.json lists "
+               "them): an index too large for one node's memory. query-neighbors searches every shard and merges "
+               "their top-k, which equals the whole index's search. 1: one index (Megatron's file).", minimum=1),
         Option("keep_embeddings", bool, False, "Also keep float16 embeddings of every train chunk (embed/train/), so "
                "that a later --index-str change (with --force) re-adds them without embedding again. The index "
                "is then built from those float16 values, whether a block was just embedded or read back."),
@@ -126,10 +130,13 @@ class IndexAddStage(EmbeddingStage):
         if s is None:
             return []
         return [self.workdir.add_codes_dir(s), self.workdir.add_truth_dir(s), self.workdir.added_lists_dir(s),
-                self.workdir.added_index_path(s), self.workdir.search_params_path(s)]
+                self.workdir.shards_dir(s), self.workdir.shards_path(s), self.workdir.added_index_path(s),
+                self.workdir.search_params_path(s)]
 
     def final_outputs(self) -> list[Path]:
-        return self.outputs()[3:]
+        s = self.index_str
+        index = self.workdir.added_index_path(s) if self.cfg.index_shards == 1 else self.workdir.shards_path(s)
+        return [index, self.workdir.search_params_path(s)]
 
     def finalize_note(self) -> str | None:
         return f"merging the blocks' codes into {self.index_str} and measuring its recall (tuning its search " \
@@ -206,6 +213,32 @@ class IndexAddStage(EmbeddingStage):
                 h5_create(h, "ids", data=(ids + s).astype(np.int64))
         return {"chunks": int(e - s), "embedded": int(n_fresh), "reused": n_reused, "kept": n_kept}
 
+    def _write_shards(self, empty, blocks: list[Block], block_codes):
+        """The blocks' codes cut into ``--index-shards`` shards of contiguous rows (whole blocks each), each a copy
+        of the trained index holding its rows' codes, written to ``shards/`` with ``shards.json``; returns them
+        as one :class:`faiss_index.ShardedIndex`."""
+        import shutil
+
+        f = faiss_index.faiss()
+        s, n = self.index_str, self.cfg.index_shards
+        groups = faiss_index.shard_bounds([(b.start, b.end) for b in blocks], n)
+        n = len(groups)   # fewer blocks than shards: one shard a block
+        shards_dir = self.workdir.shards_dir(s)
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        shards, listed = [], []
+        for i, (first, end) in enumerate(groups):
+            shard = faiss_index.add_codes_all(f.clone_index(empty), block_codes(blocks[first:end]))
+            path = self.workdir.shard_path(s, i, n)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            faiss_index.write_index(shard, path)
+            shards.append(shard)
+            listed.append({"file": path.name, "first_row": int(blocks[first].start), "end_row": int(blocks[end - 1].end),
+                           "ntotal": int(shard.ntotal)})
+            log.info("index-add: shard %d of %d: rows %d-%d", i + 1, n, listed[-1]["first_row"], listed[-1]["end_row"])
+        write_json(self.workdir.shards_path(s), {"index_str": s, "n_shards": n, "shards": listed})
+        self.workdir.added_index_path(s).unlink(missing_ok=True)   # never beside a whole index of an older run
+        return faiss_index.ShardedIndex(shards)
+
     # ---- the merge: a one-off job
     def finalize(self, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
         import h5py
@@ -217,8 +250,8 @@ class IndexAddStage(EmbeddingStage):
         _, queries = reader.queries()
         heap = f.ResultHeap(len(queries), self.k, keep_max=index.metric_type == f.METRIC_INNER_PRODUCT)
 
-        def block_codes():
-            for b in blocks:
+        def block_codes(group=blocks):
+            for b in group:
                 with h5py.File(b.paths[0], "r") as h:
                     codes = h["data"][...]
                 with h5py.File(b.paths[1], "r") as h:
@@ -227,12 +260,14 @@ class IndexAddStage(EmbeddingStage):
 
         n_total = sum(b.size for b in blocks)
         need = n_total * (index.sa_code_size() + 8)
-        on_disk = need > faiss_index.memory_budget(self.cfg.index_memory)
+        on_disk = self.cfg.index_shards == 1 and need > faiss_index.memory_budget(self.cfg.index_memory)
         if on_disk and (faiss_index.ivf_of(index) is None or faiss_index.is_fast_scan(index)):
             log.warning("index-add: the index needs %d bytes, more than --index-memory, but only IVF indexes "
                         "without fast-scan codes can keep their lists on disk; building it in memory", need)
             on_disk = False
-        if on_disk:
+        if self.cfg.index_shards > 1:
+            index = self._write_shards(index, blocks, block_codes)
+        elif on_disk:
             import tempfile
 
             log.info("index-add: %d bytes of codes, more than --index-memory: the lists go on disk (%s)", need,
@@ -248,7 +283,15 @@ class IndexAddStage(EmbeddingStage):
                  if v != "auto"}
         params, chosen, table = faiss_index.tune(index, queries, truth, self.cfg.num_neighbors_save,
                                                  self.cfg.target_recall, given, log)
-        faiss_index.write_index(index, self.workdir.added_index_path(self.index_str))
+        if self.cfg.index_shards == 1:
+            faiss_index.write_index(index, self.workdir.added_index_path(self.index_str))
+            for stale in (self.workdir.shards_path(self.index_str), self.workdir.shards_dir(self.index_str)):
+                if stale.is_dir():
+                    import shutil
+
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink(missing_ok=True)
         k = min(self.cfg.num_neighbors_save, truth.shape[1])
         write_json(self.workdir.search_params_path(self.index_str), {
             "index_str": self.index_str, "params": params, "target_recall": self.cfg.target_recall,
@@ -256,6 +299,7 @@ class IndexAddStage(EmbeddingStage):
             "n_queries": int(len(queries)), "table": table})
         counts = [r["counts"] for r in results.values()]
         return {"index_str": self.index_str, "n_chunks_added": int(index.ntotal), "lists_on_disk": on_disk,
+                "index_shards": self.cfg.index_shards,
                 "n_chunks_embedded": sum(c["embedded"] for c in counts),
                 "n_chunks_reused": sum(c["reused"] for c in counts),
                 "n_chunks_from_kept": sum(c.get("kept", 0) for c in counts), **params,

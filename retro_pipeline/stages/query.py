@@ -194,7 +194,7 @@ class QueryNeighborsStage(EmbeddingStage):
         n = len(emb)
         index = state["index"]
         kq = min(self.cfg.num_neighbors_query, index.ntotal)
-        _, found = index.search(np.ascontiguousarray(emb, dtype=np.float32), kq)  # [n*L, kq], -1 = none
+        _, found = faiss_index.search(index, emb, kq)  # [n*L, kq], -1 = none; ties by id, sharded or not
         # the documents of each sample (a contiguous run of its corpus's document index), as sorted keys
         sample, corpus, doc = ss.doc_runs(first, last)
         own = np.sort(sample * DOC_KEY + state["doc_base"][corpus] + doc)
