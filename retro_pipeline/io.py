@@ -42,7 +42,8 @@ def failpoint(name: str) -> None:
     """Crash-test aid: with ``RETRO_PIPELINE_KILL_AT=<name>`` set, SIGKILL this process here. The kill tests
     use it where a timed kill cannot land reliably (a one-off job that takes milliseconds on test data);
     names are ``<stage>:finalize`` (before a stage's finalize), ``<stage>:finalized`` (outputs written, done
-    marker not yet) and ``index-train:trained`` (the index trained, not yet written)."""
+    marker not yet), ``index-train:trained`` (the index trained, not yet written) and ``index-add:shard-merged``
+    (the first shard of --index-shards written, the others not)."""
     if os.environ.get(KILL_AT_ENV) == name:
         import signal
 

@@ -196,6 +196,12 @@ class Stage:
         """What finalize does, said on the driver before it starts where it takes a while (no bar shows it)."""
         return None
 
+    def finalize_jobs(self, blocks: list[Block], results: dict[str, dict[str, Any]]) -> list[tuple[str, Any, tuple]]:
+        """One-off jobs that run before :meth:`finalize`, each on its own worker with ``once_resources`` and in
+        parallel where the cluster has room (on a cluster: on different nodes), as ``(what, fn, args)`` with
+        ``fn`` a module-level function. Each writes its outputs atomically (a rerun after a kill is a resume)."""
+        return []
+
     def finalize(self, blocks: list[Block], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Combine the finished blocks once, as a one-off job on a worker with ``once_resources``;
         ``results`` maps block name → its marker. Return a summary (JSON-serialisable)."""

@@ -360,6 +360,33 @@ def test_sigkill_inside_a_one_off_job_then_rerun_on_ray_is_byte_identical(tmp_pa
     assert index_files(wd) == index_files(reference)
 
 
+@pytest.mark.slow  # a killed CLI process and a rerun on Ray
+def test_sigkill_between_shard_merges_then_rerun_on_ray_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
+                                                                          tiny_bert_dir, ray_session):
+    """--index-shards 3: each shard is merged by its own one-off job; killed after the first is written, a rerun
+    on Ray merges only the other two (side by side where nodes have room) and the index files equal an
+    uninterrupted local build's."""
+    import subprocess
+
+    ref = tmp_path / "ref"
+    run_stages(str(ref), STAGES, given(prefix, gpt_tokenizer_path, tiny_bert_dir, index_shards=3),
+               RunOptions(executor="local", progress=False))
+    wd = tmp_path / "w"
+    run_stages(str(wd), STAGES[:3], given(prefix, gpt_tokenizer_path, tiny_bert_dir),
+               RunOptions(executor="local", progress=False))
+    cmd, env = _stage_cli(wd, "index-add", 0, RETRO_PIPELINE_KILL_AT="index-add:shard-merged")
+    r = subprocess.run(cmd + ["--index-shards", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr[-3000:]
+    shards = wd / "index" / "faiss-par-add" / "IVF8,Flat" / "shards"
+    assert len(list(shards.glob("*.faissindex"))) == 1 and not (shards.parent / "shards.json").exists()
+    first = next(shards.glob("*.faissindex")).stat().st_mtime_ns
+    out = run_stages(str(wd), ["index-add"], {"batch_size": 32, "device": "cpu", "embed_pool": 1, "index_shards": 3},
+                     RunOptions(executor="ray", num_workers=2, progress=False))
+    assert out["index-add"]["blocks_run"] == 0 and out["index-add"]["index_shards"] == 3
+    assert next(iter(sorted(shards.glob("*000-of-003.faissindex")))).stat().st_mtime_ns == first   # not merged again
+    assert index_files(wd) == index_files(ref)
+
+
 def test_an_index_larger_than_index_memory_keeps_its_lists_on_disk(tmp_path, prefix, gpt_tokenizer_path,
                                                                     tiny_bert_dir):
     from retro_pipeline.read import WorkdirReader

@@ -109,6 +109,10 @@ class LocalExecutor:
         """A one-off job of ``stage`` (e.g. its finalize): here, in this process."""
         return self._call(stage, what, fn, *args)
 
+    def run_once_many(self, stage: Stage, jobs: list[tuple[str, Any, tuple]]) -> list[Any]:
+        """Several one-off jobs ``(what, fn, args)``: here, one after the other."""
+        return [self.run_once(stage, what, fn, *args) for what, fn, args in jobs]
+
     @staticmethod
     def _call(stage: Stage, what: str, fn, *args):
         try:
@@ -207,6 +211,9 @@ def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float)
     note = stage.finalize_note()
     if note:
         log.info("[%s] %s", stage.name, note)
+    jobs = stage.finalize_jobs(blocks, results)
+    if jobs:
+        executor.run_once_many(stage, jobs)
     summary = executor.run_once(stage, "finalize", finalize, stage, blocks, results)
     outputs = {str(p): (-1 if p.is_dir() else p.stat().st_size) for p in stage.final_outputs() if p.exists()}
     this_run = time.perf_counter() - t0

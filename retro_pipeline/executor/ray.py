@@ -244,41 +244,68 @@ class RayExecutor:
         """A one-off job of ``stage`` (e.g. its finalize) as a Ray task with the stage's one-off resources
         (``Stage.once_resources``). A lost node reruns it elsewhere (a one-off job writes its outputs
         atomically, so a rerun is a resume), its shape following the nodes still alive."""
+        return self.run_once_many(stage, [(what, fn, args)])[0]
+
+    def run_once_many(self, stage: Stage, jobs: list[tuple[str, Any, tuple]]) -> list[Any]:
+        """One-off jobs ``(what, fn, args)`` at once, each a task as :meth:`run_once` runs one: Ray places them
+        on the nodes that have room, so on a cluster they run side by side. The first failure of stage code
+        stops the run (the others are cancelled); a job whose worker or node is lost runs again."""
         ray = ensure_ray(self.address)
         RayError, RayTaskError = _infra_error_types()
         lost = 0
-        while True:
-            cpus, gpus, memory = worker_shape(ray, stage, once=True)
-            self._wait_for_room(ray, stage, what, cpus, gpus, memory)
-            task = ray.remote(_one_off).options(max_retries=0, retry_exceptions=False,
-                                                **self._options(cpus, gpus, memory))
-            ref = task.remote(fn, *args)
+        results: dict[int, Any] = {}
+        running: dict[Any, int] = {}   # ref -> job
+
+        def submit(i: int, shape) -> None:
+            what, fn, args = jobs[i]
+            self._wait_for_room(ray, stage, what, *shape)
+            task = ray.remote(_one_off).options(max_retries=0, retry_exceptions=False, **self._options(*shape))
+            running[task.remote(fn, *args)] = i
+
+        try:
+            shape = worker_shape(ray, stage, once=True)
+            for i in range(len(jobs)):
+                submit(i, shape)
             gone_since = None
-            while not ray.wait([ref], timeout=2.0)[0]:
-                # a pending task whose shape no alive node can hold any more (the largest node was lost) is
-                # started again with the shape the cluster has now
-                if self._feasible(ray, cpus, gpus, memory):
-                    gone_since = None
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+                if not ready:
+                    # pending tasks whose shape no alive node can hold any more (the largest node was lost) are
+                    # started again with the shape the cluster has now
+                    if self._feasible(ray, *shape):
+                        gone_since = None
+                        continue
+                    gone_since = gone_since or time.monotonic()
+                    if time.monotonic() - gone_since > 5.0:
+                        for ref in list(running):
+                            ray.cancel(ref, force=True)
+                        gone_since = None
                     continue
-                gone_since = gone_since or time.monotonic()
-                if time.monotonic() - gone_since > 5.0:
+                ref = ready[0]
+                i = running.pop(ref)
+                what = jobs[i][0]
+                try:
+                    result, records = ray.get(ref)
+                except RayTaskError as e:
+                    raise _code_error(stage, what, e) from None
+                except RayError as e:  # a lost worker or node, or cancelled for a new shape: run it again
+                    lost += 1
+                    self.stats["lost"] += 1
+                    if lost > INFRA_RETRIES * len(jobs):
+                        raise StageFailed(f"[{stage.name}] {what}: its workers kept being lost ({type(e).__name__}); "
+                                          f"{CHECK_CLUSTER}") from None
+                    log.warning("[%s] %s: its worker was lost (%s); running it again", stage.name, what,
+                                type(e).__name__)
+                    shape = worker_shape(ray, stage, once=True)
+                    submit(i, shape)
+                    continue
+                replay(records)
+                results[i] = result
+        finally:
+            for ref in running:   # a failure or a stop leaves no job running
+                with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
-                    break
-            try:
-                result, records = ray.get(ref)
-            except RayTaskError as e:
-                raise _code_error(stage, what, e) from None
-            except RayError as e:  # a lost worker or node, or cancelled for a new shape: run it again
-                lost += 1
-                self.stats["lost"] += 1
-                if lost > INFRA_RETRIES:
-                    raise StageFailed(f"[{stage.name}] {what}: its workers kept being lost ({type(e).__name__}); "
-                                      f"{CHECK_CLUSTER}") from None
-                log.warning("[%s] %s: its worker was lost (%s); running it again", stage.name, what,
-                            type(e).__name__)
-                continue
-            replay(records)
-            return result
+        return [results[i] for i in range(len(jobs))]
 
     def _wait_for_room(self, ray, stage: Stage, what: str, cpus: float, gpus: float, memory: int | None) -> None:
         """Return once some alive node could hold a worker of this shape; raise after ``node_wait_s``."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from retro_pipeline import faiss_index
 from retro_pipeline.errors import RetroError
-from retro_pipeline.io import atomic_path, h5_create, h5_open_write, write_json
+from retro_pipeline.io import atomic_path, failpoint, h5_create, h5_open_write, write_json
 from retro_pipeline.stage import Block, Option, Resources, block_file_name, block_ranges, rows_per_block
 from retro_pipeline.stages.embed import EMBED_OPTIONS, EmbeddingStage
 
@@ -213,30 +213,38 @@ class IndexAddStage(EmbeddingStage):
                 h5_create(h, "ids", data=(ids + s).astype(np.int64))
         return {"chunks": int(e - s), "embedded": int(n_fresh), "reused": n_reused, "kept": n_kept}
 
-    def _write_shards(self, empty, blocks: list[Block], block_codes):
-        """The blocks' codes cut into ``--index-shards`` shards of contiguous rows (whole blocks each), each a copy
-        of the trained index holding its rows' codes, written to ``shards/`` with ``shards.json``; returns them
-        as one :class:`faiss_index.ShardedIndex`."""
-        import shutil
+    # ---- --index-shards: each shard merged as its own one-off job
+    def shard_groups(self, blocks: list[Block]) -> list[tuple[int, int]]:
+        """The blocks of each shard, as (first, end) block indexes: contiguous rows, about equal in size."""
+        return faiss_index.shard_bounds([(b.start, b.end) for b in blocks], self.cfg.index_shards)
 
-        f = faiss_index.faiss()
-        s, n = self.index_str, self.cfg.index_shards
-        groups = faiss_index.shard_bounds([(b.start, b.end) for b in blocks], n)
-        n = len(groups)   # fewer blocks than shards: one shard a block
-        shards_dir = self.workdir.shards_dir(s)
-        shutil.rmtree(shards_dir, ignore_errors=True)
+    def finalize_jobs(self, blocks: list[Block], results: dict[str, dict]) -> list[tuple[str, Any, tuple]]:
+        if self.cfg.index_shards == 1:
+            return []
+        s, groups = self.index_str, self.shard_groups(blocks)
+        jobs = []
+        for i, (first, end) in enumerate(groups):
+            path = self.workdir.shard_path(s, i, len(groups))
+            if path.exists():   # merged before a kill: written atomically, so whole
+                continue
+            group = blocks[first:end]
+            jobs.append((f"shard {i + 1} of {len(groups)}", merge_shard,
+                         (str(self.workdir.empty_index_path(s)), [b.paths[0] for b in group],
+                          [(b.start, b.end) for b in group], str(path))))
+        return jobs
+
+    def _sharded(self, blocks: list[Block]):
+        """The shards the finalize jobs merged, as one :class:`faiss_index.ShardedIndex`, and ``shards.json``
+        written (the whole index of an older run removed)."""
+        s, groups = self.index_str, self.shard_groups(blocks)
         shards, listed = [], []
         for i, (first, end) in enumerate(groups):
-            shard = faiss_index.add_codes_all(f.clone_index(empty), block_codes(blocks[first:end]))
-            path = self.workdir.shard_path(s, i, n)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            faiss_index.write_index(shard, path)
-            shards.append(shard)
-            listed.append({"file": path.name, "first_row": int(blocks[first].start), "end_row": int(blocks[end - 1].end),
-                           "ntotal": int(shard.ntotal)})
-            log.info("index-add: shard %d of %d: rows %d-%d", i + 1, n, listed[-1]["first_row"], listed[-1]["end_row"])
-        write_json(self.workdir.shards_path(s), {"index_str": s, "n_shards": n, "shards": listed})
-        self.workdir.added_index_path(s).unlink(missing_ok=True)   # never beside a whole index of an older run
+            path = self.workdir.shard_path(s, i, len(groups))
+            shards.append(faiss_index.read_index(path, "index shard", mmap=True))
+            listed.append({"file": path.name, "first_row": int(blocks[first].start),
+                           "end_row": int(blocks[end - 1].end), "ntotal": int(shards[-1].ntotal)})
+        write_json(self.workdir.shards_path(s), {"index_str": s, "n_shards": len(groups), "shards": listed})
+        self.workdir.added_index_path(s).unlink(missing_ok=True)
         return faiss_index.ShardedIndex(shards)
 
     # ---- the merge: a one-off job
@@ -250,12 +258,15 @@ class IndexAddStage(EmbeddingStage):
         _, queries = reader.queries()
         heap = f.ResultHeap(len(queries), self.k, keep_max=index.metric_type == f.METRIC_INNER_PRODUCT)
 
-        def block_codes(group=blocks):
-            for b in group:
+        def add_truth(b: Block) -> None:
+            with h5py.File(b.paths[1], "r") as h:
+                heap.add_result(h["dist"][...], h["ids"][...])
+
+        def block_codes():
+            for b in blocks:
                 with h5py.File(b.paths[0], "r") as h:
                     codes = h["data"][...]
-                with h5py.File(b.paths[1], "r") as h:
-                    heap.add_result(h["dist"][...], h["ids"][...])
+                add_truth(b)
                 yield codes, np.arange(b.start, b.end, dtype=np.int64)
 
         n_total = sum(b.size for b in blocks)
@@ -265,8 +276,10 @@ class IndexAddStage(EmbeddingStage):
             log.warning("index-add: the index needs %d bytes, more than --index-memory, but only IVF indexes "
                         "without fast-scan codes can keep their lists on disk; building it in memory", need)
             on_disk = False
-        if self.cfg.index_shards > 1:
-            index = self._write_shards(index, blocks, block_codes)
+        if self.cfg.index_shards > 1:   # the shards are merged already (finalize_jobs): their ground truth
+            for b in blocks:
+                add_truth(b)
+            index = self._sharded(blocks)
         elif on_disk:
             import tempfile
 
@@ -304,3 +317,24 @@ class IndexAddStage(EmbeddingStage):
                 "n_chunks_reused": sum(c["reused"] for c in counts),
                 "n_chunks_from_kept": sum(c.get("kept", 0) for c in counts), **params,
                 "recall@10": chosen["recall@10"], f"recall@{k}": chosen[f"recall@{k}"]}
+
+
+def merge_shard(empty_path: str, code_paths: list[str], row_ranges: list[tuple[int, int]], out_path: str) -> int:
+    """One shard of ``--index-shards``: the trained (empty) index with the codes of the given blocks added,
+    ids = their train-DB rows, written atomically to ``out_path``; returns how many it holds."""
+    import h5py
+
+    f = faiss_index.faiss()
+    f.omp_set_num_threads(faiss_index.threads())
+    index = faiss_index.read_index(empty_path, "trained index")
+
+    def codes():
+        for path, (s, e) in zip(code_paths, row_ranges):
+            with h5py.File(path, "r") as h:
+                yield h["data"][...], np.arange(s, e, dtype=np.int64)
+
+    index = faiss_index.add_codes_all(index, codes())
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    faiss_index.write_index(index, out_path)
+    failpoint("index-add:shard-merged")
+    return int(index.ntotal)
