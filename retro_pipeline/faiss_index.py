@@ -371,6 +371,39 @@ class ShardedIndex:
         return merge_results([d for d, _ in found], [i for _, i in found], k, self.metric_type)
 
 
+class ShardSearcher:
+    """One shard of a sharded index, loaded into memory once and searched with the tuned settings: a service of
+    query-neighbors (one actor per shard, :meth:`retro_pipeline.stage.Stage.services`)."""
+
+    def __init__(self, path: str, params: dict[str, int], threads: int = 1):
+        faiss().omp_set_num_threads(threads)
+        self.index = read_index(path, "index shard")
+        set_search_params(self.index, params)
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+
+
+class RemoteShards(ShardedIndex):
+    """A :class:`ShardedIndex` whose shards are searched by :class:`ShardSearcher` services: a search sends the
+    queries once to every shard's service and merges what comes back."""
+
+    def __init__(self, handles: list, d: int, ntotal: int, metric_type: int):
+        self.handles, self.d, self._ntotal, self.metric_type = list(handles), int(d), int(ntotal), int(metric_type)
+        self.shards = []
+
+    @property
+    def ntotal(self) -> int:
+        return self._ntotal
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import ray
+
+        ref = ray.put(np.ascontiguousarray(x, dtype=np.float32))
+        found = ray.get([h.call.remote("search", ref, k) for h in self.handles])
+        return merge_results([d for d, _ in found], [i for _, i in found], k, self.metric_type)
+
+
 def merge_results(dists: list[np.ndarray], ids: list[np.ndarray], k: int, metric_type: int):
     """The top ``k`` of several searches of the same queries ([n, k_i] distances and ids each): best first, ties
     by id, missing (-1) last."""

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from embedder.options import Option as DeclaredOption
 from retro_pipeline.errors import RetroError
@@ -40,6 +40,17 @@ class Option(DeclaredOption):
     ``changes_output``) a ``config.json`` key. A bad value is a :class:`RetroError`."""
 
     error: ClassVar[type[Exception]] = RetroError
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service of a stage (:meth:`Stage.services`): ``factory(*args)`` builds the object whose methods
+    workers call; ``memory`` (bytes) places it on a node that can hold it."""
+
+    name: str
+    factory: Callable[..., Any]
+    args: tuple = ()
+    memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +206,16 @@ class Stage:
     def finalize_note(self) -> str | None:
         """What finalize does, said on the driver before it starts where it takes a while (no bar shows it)."""
         return None
+
+    #: handles of the services this stage asked for (:meth:`services`), set by an executor that runs them
+    #: while its blocks run; None otherwise (the stage then does the work in its own workers)
+    service_handles: list | None = None
+
+    def services(self) -> list["Service"]:
+        """Long-lived helpers the stage's workers call while its blocks run (e.g. one searcher per index
+        shard), run by the Ray executor as actors placed by the memory they declare; the local executor runs
+        none. Workers reach them through ``self.service_handles`` (``handle.call.remote(method, *args)``)."""
+        return []
 
     def finalize_jobs(self, blocks: list[Block], results: dict[str, dict[str, Any]]) -> list[tuple[str, Any, tuple]]:
         """One-off jobs that run before :meth:`finalize`, each on its own worker with ``once_resources`` and in

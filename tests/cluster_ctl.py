@@ -1,4 +1,5 @@
-"""A simulated multi-node Ray cluster for tests, run as its own process: ``python cluster_ctl.py NODES CPUS``.
+"""A simulated multi-node Ray cluster for tests, run as its own process: ``python cluster_ctl.py NODES CPUS
+[MEMORY]`` (MEMORY: bytes of memory each worker node declares to Ray).
 
 It starts a head with no CPUs (the driver's node) and NODES worker nodes of CPUS CPUs each, bound to this
 machine's default node IP (Ray rewrites 127.0.0.1 to it when a driver connects), prints ``address <host:port>``
@@ -15,6 +16,7 @@ import sys
 
 def main() -> None:
     n_nodes, cpus = int(sys.argv[1]), int(sys.argv[2])
+    node_args = {"num_cpus": cpus, **({"memory": int(sys.argv[3])} if len(sys.argv) > 3 else {})}
     # the driver sends this machine's Ray token when it has one (retro_pipeline.executor.ray); a cluster that
     # does not check it kills that driver's actors: check tokens where the driver sends one, as `ray start` does
     from embedder.ray_session import _send_token_if_we_have_one
@@ -31,7 +33,7 @@ def main() -> None:
     nodes = {}
     try:
         for _ in range(n_nodes):
-            node = cluster.add_node(num_cpus=cpus)
+            node = cluster.add_node(**node_args)
             nodes[node.node_id] = node
         cluster.wait_for_nodes()
         print("address", cluster.address, flush=True)
@@ -45,7 +47,7 @@ def main() -> None:
                 cluster.remove_node(nodes.pop(cmd[1]), allow_graceful=False)
                 print("removed", cmd[1], flush=True)
             elif cmd[0] == "add":
-                node = cluster.add_node(num_cpus=cpus)
+                node = cluster.add_node(**node_args)
                 nodes[node.node_id] = node
                 cluster.wait_for_nodes()
                 print("node", node.node_id, flush=True)

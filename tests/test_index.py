@@ -360,6 +360,27 @@ def test_sigkill_inside_a_one_off_job_then_rerun_on_ray_is_byte_identical(tmp_pa
     assert index_files(wd) == index_files(reference)
 
 
+
+@pytest.mark.slow  # a build on Ray
+def test_on_ray_each_shard_is_searched_by_its_own_service(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
+                                                          ray_session):
+    """--index-shards 3 on Ray: query-neighbors starts one searcher actor per shard (placed by the memory it
+    declares), its workers send each block's embeddings to them and merge, and the neighbors equal a
+    one-index local build's byte for byte."""
+    from helpers import saved_neighbors
+
+    stages = STAGES + ["query-neighbors"]
+    kw = dict(train_samples=6, seq_length=64)
+    run_stages(str(tmp_path / "one"), stages, given(prefix, gpt_tokenizer_path, tiny_bert_dir, **kw),
+               RunOptions(executor="local", progress=False))
+    out = run_stages(str(tmp_path / "ray"), stages,
+                     given(prefix, gpt_tokenizer_path, tiny_bert_dir, index_shards=3, **kw),
+                     RunOptions(executor="ray", num_workers=2, progress=False))
+    q = out["query-neighbors"]
+    assert q["blocks"] >= 1 and q["n_blocks_searched_by_shard_services"] == q["blocks"], q
+    a, b = saved_neighbors(tmp_path / "one", "train"), saved_neighbors(tmp_path / "ray", "train")
+    assert a.shape == b.shape and np.array_equal(a, b)
+
 @pytest.mark.slow  # a killed CLI process and a rerun on Ray
 def test_sigkill_between_shard_merges_then_rerun_on_ray_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
                                                                           tiny_bert_dir, ray_session):

@@ -9,6 +9,7 @@ it slows the named work down and says which node ran it, so a node is removed wh
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,9 +29,11 @@ HERE = Path(__file__).parent
 
 
 class SimCluster:
-    def __init__(self, n_nodes: int, env: dict[str, str], cpus: int = 1):
-        """``env``: the environment of the nodes' processes (Ray workers inherit their node's, not the driver's)."""
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "cluster_ctl.py"), str(n_nodes), str(cpus)],
+    def __init__(self, n_nodes: int, env: dict[str, str], cpus: int = 1, memory: int | None = None):
+        """``env``: the environment of the nodes' processes (Ray workers inherit their node's, not the driver's);
+        ``memory``: bytes each node declares to Ray."""
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "cluster_ctl.py"), str(n_nodes), str(cpus),
+                                      *([str(memory)] if memory else [])],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      start_new_session=True)
         self.address = self._line("address")
@@ -70,8 +73,8 @@ class SimCluster:
 def sim_cluster():
     clusters = []
 
-    def make(n_nodes: int, env: dict[str, str]) -> SimCluster:
-        clusters.append(SimCluster(n_nodes, env))
+    def make(n_nodes: int, env: dict[str, str], memory: int | None = None) -> SimCluster:
+        clusters.append(SimCluster(n_nodes, env, memory=memory))
         return clusters[-1]
 
     yield make
@@ -186,3 +189,60 @@ def test_a_cluster_that_lost_every_node_is_an_error_in_bounded_time(tmp_path, si
     assert "Traceback" not in err
     assert waited < 90
     assert not (wd / "markers" / "db-build" / "_done.json").exists()
+
+
+KILL_SERVICE = r"""
+import sys
+from embedder.ray_session import _send_token_if_we_have_one
+_send_token_if_we_have_one()   # before ray is imported: it reads the auth mode then
+import ray
+ray.init(address=sys.argv[1], namespace=sys.argv[2], logging_level="error")
+names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["namespace"] == sys.argv[2] and a["name"].startswith("query-neighbors-service-"))
+assert len(names) == 4, names
+ray.kill(ray.get_actor(names[1]), no_restart=False)   # as a lost process: Ray restarts it
+print("killed", names[1], flush=True)
+"""
+
+
+def test_a_shard_searcher_killed_mid_query_costs_only_time(tmp_path, sim_cluster, gpt_tokenizer_path,
+                                                           tiny_bert_dir, corpus_texts):
+    """--index-shards 4 on a simulated 3-node cluster whose nodes declare their memory: query-neighbors runs one
+    searcher actor per shard; one is killed while blocks are being searched; Ray restarts it and retries its
+    requests, and the saved neighbors equal an unsharded local build's byte for byte."""
+    from retro_pipeline.executor.ray import SERVICE_NAMESPACE
+
+    prefix = build_corpus(tmp_path / "corpus", load_gpt_tokenizer(gpt_tokenizer_path), corpus_texts)
+    ref = tmp_path / "ref"
+    run_stages(str(ref), STAGES, {"data_path": ["1", prefix], "gpt_tokenizer": gpt_tokenizer_path,
+                                  "embedder": tiny_bert_dir, **BUILD_OPTIONS},
+               RunOptions(executor="local", progress=False))
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RETRO_PIPELINE_SLOW_AT="query-neighbors:block:1.5", RETRO_PIPELINE_SLOW_DIR=str(slow))
+    cluster = sim_cluster(3, env, memory=2 << 30)
+    wd = tmp_path / "w"
+    args = build_cli_args(wd, prefix, gpt_tokenizer_path, tiny_bert_dir, 2) + ["--address", cluster.address,
+                                                                               "--index-shards", "4"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: blocks_done(wd, "query-neighbors") >= 1, proc, 400, "a query-neighbors block")
+        k = subprocess.run([sys.executable, "-c", KILL_SERVICE, cluster.address, SERVICE_NAMESPACE], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert k.returncode == 0 and "killed" in k.stdout, k.stderr[-3000:]
+        assert not (wd / "markers" / "query-neighbors" / "_done.json").exists()   # killed while blocks ran
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert proc.returncode == 0, err[-3000:]
+    done = json.loads((wd / "markers" / "query-neighbors" / "_done.json").read_text())
+    assert done["n_blocks_searched_by_shard_services"] == done["blocks"] >= 4, done
+    mine, theirs = outputs(wd), outputs(ref)
+    queried = [k for k in theirs if k.startswith(("query/", "megatron/"))]
+    assert queried and all(k in mine for k in queried)
+    for key in queried:
+        assert mine[key] == theirs[key], key

@@ -9,6 +9,7 @@ the executor runs where the stage's resources are (a Ray task on a cluster).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -109,6 +110,10 @@ class LocalExecutor:
         """A one-off job of ``stage`` (e.g. its finalize): here, in this process."""
         return self._call(stage, what, fn, *args)
 
+    def serve(self, stage: Stage):
+        """The stage's services while its blocks run: none here (its workers do that work themselves)."""
+        return contextlib.nullcontext()
+
     def run_once_many(self, stage: Stage, jobs: list[tuple[str, Any, tuple]]) -> list[Any]:
         """Several one-off jobs ``(what, fn, args)``: here, one after the other."""
         return [self.run_once(stage, what, fn, *args) for what, fn, args in jobs]
@@ -204,7 +209,8 @@ def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float)
             bar.set_postfix_str(f"blocks {len(results)}/{len(blocks)}", refresh=False)
 
     try:
-        executor.run(stage, todo_groups, on_result)
+        with executor.serve(stage):
+            executor.run(stage, todo_groups, on_result)
     finally:
         if bar is not None:
             bar.close()

@@ -131,6 +131,22 @@ def _task_process(stage: Stage, blocks: list[Block], todo: list[str], resources:
     return run_capturing_logs(run_group, stage, blocks, _TASK_STATE["state"], todo)
 
 
+SERVICE_NAMESPACE = "retro-pipeline"   # where a stage's service actors are named (ray.util.list_named_actors)
+
+
+class _ServiceHost:
+    """A stage's service in an actor: ``factory(*args)`` built once; ``call(method, *args)`` runs its method."""
+
+    def __init__(self, factory, *args):
+        self.obj = factory(*args)
+
+    def ready(self) -> bool:
+        return True
+
+    def call(self, method: str, *args):
+        return getattr(self.obj, method)(*args)
+
+
 def _one_off(fn, *args):
     return run_capturing_logs(fn, *args)
 
@@ -239,6 +255,45 @@ class RayExecutor:
                           f"hold a worker of {cpus:g} CPUs{f' and {gpus:g} GPUs' if gpus else ''} ({alive} node(s) "
                           f"alive: nodes were lost){why}; add nodes and run the same command again (finished work "
                           f"is kept)")
+
+    @contextlib.contextmanager
+    def serve(self, stage: Stage):
+        """The stage's services (``Stage.services``) as actors while its blocks run: each placed on a node with
+        the memory it declares (no CPUs reserved: it answers its callers' requests), restarted where it or its
+        node is lost with its calls retried (results are a function of the request, so nothing is lost or
+        doubled), and killed at the end. A service that no node can hold is an error before any block runs."""
+        specs = stage.services()
+        if not specs:
+            yield
+            return
+        ray = ensure_ray(self.address)
+        host = ray.remote(_ServiceHost)
+        handles = []
+        try:
+            for spec in specs:
+                try:
+                    check_feasible(ray, 0, 0, spec.memory)
+                except RetroError as e:
+                    raise RetroError(f"[{stage.name}] {spec.name}: {e}") from None
+                options: dict[str, Any] = {"num_cpus": 0, "max_restarts": INFRA_RETRIES,
+                                           "max_task_retries": INFRA_RETRIES, "namespace": SERVICE_NAMESPACE,
+                                           "name": f"{stage.name}-service-{len(handles)}-{uuid.uuid4().hex[:8]}"}
+                if spec.memory:
+                    options["memory"] = int(spec.memory)
+                handles.append(host.options(**options).remote(spec.factory, *spec.args))
+            try:
+                ray.get([h.ready.remote() for h in handles], timeout=self.node_wait_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RetroError(f"[{stage.name}] its {len(specs)} services did not start within "
+                                 f"{self.node_wait_s:.0f} s (no node had room for them); {CHECK_CLUSTER}") from None
+            log.info("[%s] %d services started: %s", stage.name, len(specs), ", ".join(s.name for s in specs))
+            stage.service_handles = handles
+            yield
+        finally:
+            stage.service_handles = None
+            for h in handles:
+                with contextlib.suppress(Exception):
+                    ray.kill(h)
 
     def run_once(self, stage: Stage, what: str, fn, *args) -> Any:
         """A one-off job of ``stage`` (e.g. its finalize) as a Ray task with the stage's one-off resources

@@ -243,7 +243,8 @@ class IndexAddStage(EmbeddingStage):
             shards.append(faiss_index.read_index(path, "index shard", mmap=True))
             listed.append({"file": path.name, "first_row": int(blocks[first].start),
                            "end_row": int(blocks[end - 1].end), "ntotal": int(shards[-1].ntotal)})
-        write_json(self.workdir.shards_path(s), {"index_str": s, "n_shards": len(groups), "shards": listed})
+        write_json(self.workdir.shards_path(s), {"index_str": s, "n_shards": len(groups),
+                                                 "metric_type": int(shards[0].metric_type), "shards": listed})
         self.workdir.added_index_path(s).unlink(missing_ok=True)
         return faiss_index.ShardedIndex(shards)
 

@@ -23,9 +23,9 @@ import numpy as np
 
 from retro_pipeline import faiss_index
 from retro_pipeline.errors import RetroError
-from retro_pipeline.io import atomic_path, h5_create, h5_open_write
+from retro_pipeline.io import atomic_path, h5_create, h5_open_write, read_json
 from retro_pipeline.samples import SPLITS, SampleSet, eval_iters, split_samples
-from retro_pipeline.stage import Block, Option, Resources, block_file_name, rows_per_block
+from retro_pipeline.stage import Block, Option, Resources, Service, block_file_name, rows_per_block
 from retro_pipeline.stages.embed import EMBED_OPTIONS, EmbeddingStage
 from retro_pipeline.stages.index_add import NUM_NEIGHBORS_SAVE
 
@@ -164,7 +164,13 @@ class QueryNeighborsStage(EmbeddingStage):
 
         state = super().setup(resources)
         reader = WorkdirReader(self.workdir)
-        state["index"] = reader.index(mmap=True)
+        if self.service_handles:   # --index-shards on Ray: each shard searched by its own service
+            listed = read_json(self.workdir.shards_path(reader.index_info()["index_str"]))
+            state["index"] = faiss_index.RemoteShards(self.service_handles, reader.index_info()["dim"],
+                                                      sum(sh["ntotal"] for sh in listed["shards"]),
+                                                      listed["metric_type"])
+        else:
+            state["index"] = reader.index(mmap=True)
         if state["index"].d != state["encoder"].dim:
             raise RetroError(f"the index takes {state['index'].d}-dimensional vectors but the embedder gives "
                              f"{state['encoder'].dim}; rebuild the index with 'retro-pipeline index-build --force'")
@@ -177,6 +183,24 @@ class QueryNeighborsStage(EmbeddingStage):
         state["neighbor_doc"] = base[ds_doc[:, 0]] + ds_doc[:, 1]  # global document of each train-DB row
         faiss_index.faiss().omp_set_num_threads(max(1, int(resources.get("num_cpus") or 1)))
         return state
+
+    def services(self) -> list[Service]:
+        """With a sharded index (--index-shards): one searcher per shard, each holding its shard in memory on a
+        node that has room for it, so that no worker loads the whole index."""
+        from retro_pipeline.read import WorkdirReader
+
+        reader = WorkdirReader(self.workdir)
+        index_str = reader.index_info()["index_str"]
+        listed = read_json(self.workdir.shards_path(index_str))
+        if listed is None or listed["n_shards"] < 2:
+            return []
+        params = reader.search_params()["params"]
+        out = []
+        for i, sh in enumerate(listed["shards"]):
+            path = self.workdir.shards_dir(index_str) / sh["file"]
+            out.append(Service(f"shard {i + 1} of {listed['n_shards']}", faiss_index.ShardSearcher,
+                               (str(path), params), memory=int(path.stat().st_size * 1.25) + (64 << 20)))
+        return out
 
     def texts(self, block: Block, state) -> list[str]:
         ss = self.samples(block.meta["split"])
@@ -213,7 +237,7 @@ class QueryNeighborsStage(EmbeddingStage):
             with h5_open_write(tmp) as f:
                 h5_create(f, "neighbors", data=out.astype(np.int64))
         return {"chunks": int(n), "dropped_own": int((valid & ~keep).sum()),
-                "missing": int((out < 0).sum())}
+                "missing": int((out < 0).sum()), "shard_services": len(getattr(index, "handles", ()))}
 
     def finalize(self, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -225,5 +249,7 @@ class QueryNeighborsStage(EmbeddingStage):
                                                if b.meta["split"] == split)
         counts = [r["counts"] for r in results.values()]
         out["n_neighbors_missing"] = sum(c["missing"] for c in counts)
+        # blocks whose search went to the shard services (--index-shards on Ray), not to the worker's own copy
+        out["n_blocks_searched_by_shard_services"] = sum(1 for c in counts if c.get("shard_services"))
         out["n_dropped_own_sample"] = sum(c["dropped_own"] for c in counts)
         return out
