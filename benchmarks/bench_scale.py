@@ -1,0 +1,122 @@
+"""Does a build scale with its corpus? Wall time and peak memory of every stage at 1x, 4x and 16x a real corpus.
+
+Corpus: the demo corpus (Python's documentation, GPT-2 tokens: :func:`retro_pipeline.demo.build_demo_corpus`)
+copied 1x, 4x and 16x into one Megatron corpus (each copy's documents again, in order). Encoder: a random-init
+BERT of hidden size 64 with all-MiniLM-L6-v2's tokenizer, so that embedding does not hide the rest. Pretraining
+samples: one epoch of the train split at ``--seq-length`` (so they grow with the corpus too).
+
+Each stage runs as its own ``retro-pipeline <stage>`` process with the local executor (its blocks and its
+one-off job in that process), and the process's peak RSS (``ru_maxrss``) and wall time are recorded: the
+memory of a stage's whole work in one process, which must stay flat as the corpus grows. Per size, the build
+also runs with ``--index-shards`` (default 4) to compare. Printed: a table per stage, and the ratios 16x / 1x
+of time (linear: 16) and of peak RSS (flat: 1).
+
+    python benchmarks/bench_scale.py --out /tmp/bench_scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+STAGES = ["db-build", "embed-sampled", "index-train", "index-add", "query-neighbors"]
+
+MEASURE = r"""
+import json, resource, subprocess, sys, time
+t = time.time()
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+if r.returncode:
+    sys.exit(r.stderr[-3000:])
+print(json.dumps({"seconds": time.time() - t,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def copies_corpus(src: str, copies: int, out: str) -> str:
+    import numpy as np
+
+    from retro_pipeline.corpus import IndexedDataset, IndexedDatasetWriter
+
+    if os.path.exists(out + ".idx"):
+        return out
+    ds = IndexedDataset(src)
+    docs = [np.asarray(ds[i]) for i in range(len(ds))]
+    with IndexedDatasetWriter(out, docs[0].dtype) as w:
+        for _ in range(copies):
+            for d in docs:
+                w.add_document(d)
+    return out
+
+
+def tiny_encoder(out: str) -> str:
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from embedder import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=128, max_position_embeddings=512)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="scratch directory (corpora, encoder, workdirs)")
+    ap.add_argument("--copies", default="1,4,16")
+    ap.add_argument("--shards", type=int, default=4, help="the sharded variant's --index-shards (0: none)")
+    ap.add_argument("--seq-length", type=int, default=512)
+    ap.add_argument("--index-str", default="IVF64,PQ16")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    from retro_pipeline.demo import build_demo_corpus
+
+    src = build_demo_corpus(os.path.join(args.out, "demo"))
+    enc = tiny_encoder(os.path.join(args.out, "enc"))
+    results = []
+    print(f"machine: {os.cpu_count()} CPUs; stages as local-executor processes", flush=True)
+    for copies in [int(c) for c in args.copies.split(",")]:
+        prefix = copies_corpus(src, copies, os.path.join(args.out, f"corpus{copies}"))
+        for shards in [1] + ([args.shards] if args.shards > 1 else []):
+            wd = os.path.join(args.out, f"w{copies}-s{shards}-{time.time_ns()}")
+            config = os.path.join(args.out, f"config-{copies}-{shards}.json")   # every stage's options
+            with open(config, "w") as f:
+                json.dump({"data_path": [prefix], "gpt_tokenizer": "gpt2", "embedder": enc, "device": "cpu",
+                           "seq_length": args.seq_length, "index_str": args.index_str, "index_shards": shards}, f)
+            common = ["--workdir", wd, "--executor", "local", "--no-progress", "--config", config]
+            for stage in STAGES:
+                cmd = [sys.executable, "-c", MEASURE, sys.executable, "-m", "retro_pipeline", stage, *common]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode:
+                    sys.exit(f"{stage} x{copies} shards {shards} failed:\n{r.stderr[-3000:]}")
+                got = json.loads(r.stdout.strip().splitlines()[-1])
+                done = json.load(open(os.path.join(wd, "markers", stage, "_done.json")))
+                row = {"copies": copies, "shards": shards, "stage": stage, **got,
+                       "stage_seconds": done["seconds"], "rows": done.get("n_chunks_train") or
+                       done.get("n_chunks") or done.get("n_chunks_added") or done.get("n_chunks_train")}
+                results.append(row)
+                print(f"x{copies:<3} shards {shards}  {stage:<16} {got['seconds']:7.1f} s  "
+                      f"peak RSS {got['peak_rss_mb']:7.0f} MB", flush=True)
+    with open(os.path.join(args.out, "scale.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    sizes = sorted({r["copies"] for r in results})
+    lo, hi = sizes[0], sizes[-1]
+    print(f"\n{'stage':<16} {'shards':>6} {'time x' + str(hi) + '/x' + str(lo):>14} {'RSS x' + str(hi) + '/x' + str(lo):>13}")
+    for shards in sorted({r["shards"] for r in results}):
+        for stage in STAGES:
+            a = next(r for r in results if r["copies"] == lo and r["shards"] == shards and r["stage"] == stage)
+            b = next(r for r in results if r["copies"] == hi and r["shards"] == shards and r["stage"] == stage)
+            print(f"{stage:<16} {shards:>6} {b['seconds'] / a['seconds']:>14.2f} "
+                  f"{b['peak_rss_mb'] / a['peak_rss_mb']:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
