@@ -79,7 +79,8 @@ def main() -> None:
         path = os.path.join(scratch, f"shard{i}.faissindex")
         faiss.write_index(shard, path)
         handles.append(ray.remote(_ServiceHost).options(num_cpus=0).remote(   # as the Ray executor serves it
-            faiss_index.ShardSearcher, path, {"nprobe": args.nprobe}, max(1, (os.cpu_count() or 1) // args.shards)))
+            faiss_index.ShardSearcher, path, {"nprobe": args.nprobe}, int(bounds[i]),
+            max(1, (os.cpu_count() or 1) // args.shards)))
     remote = faiss_index.RemoteShards(handles, args.dim, args.n, whole.metric_type)
 
     def run(index) -> tuple[float, np.ndarray]:

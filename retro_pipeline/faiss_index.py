@@ -352,12 +352,14 @@ class ShardedIndex:
     stay train-DB rows), and every shard is the same trained index (quantizer, codebooks, transforms).
     :meth:`search` searches each and merges their top-k (:func:`merge_results`). With a shared coarse quantizer
     every shard probes the lists the whole index would, with the same codes in them, so the merged result is
-    the whole index's search."""
+    the whole index's search. An index without ids of its own (Flat, SQ, PQ: not IVF) numbers a shard's rows
+    from 0: ``first_rows`` (each shard's first train-DB row) turns those numbers into rows."""
 
-    def __init__(self, shards: list):
+    def __init__(self, shards: list, first_rows: list[int] | None = None):
         if not shards:
             raise ValueError("a sharded index needs at least one shard")
         self.shards = shards
+        self.offsets = [row_offset(s, r) for s, r in zip(shards, first_rows or [0] * len(shards))]
         self.d = shards[0].d
         self.metric_type = shards[0].metric_type
 
@@ -368,20 +370,33 @@ class ShardedIndex:
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         found = [shard.search(x, k) for shard in self.shards]
-        return merge_results([d for d, _ in found], [i for _, i in found], k, self.metric_type)
+        return merge_results([d for d, _ in found], [with_offset(i, o) for (_, i), o in zip(found, self.offsets)],
+                             k, self.metric_type)
+
+
+def row_offset(shard, first_row: int) -> int:
+    """What to add to a shard's result ids to make them train-DB rows: 0 where the index stores the ids it was
+    given (IVF), ``first_row`` where it numbers its vectors from 0."""
+    return 0 if ivf_of(shard) is not None else int(first_row)
+
+
+def with_offset(ids: np.ndarray, offset: int) -> np.ndarray:
+    return np.where(ids >= 0, ids + offset, ids) if offset else ids
 
 
 class ShardSearcher:
     """One shard of a sharded index, loaded into memory once and searched with the tuned settings: a service of
     query-neighbors (one actor per shard, :meth:`retro_pipeline.stage.Stage.services`)."""
 
-    def __init__(self, path: str, params: dict[str, int], threads: int = 1):
+    def __init__(self, path: str, params: dict[str, int], first_row: int = 0, threads: int = 1):
         faiss().omp_set_num_threads(threads)
         self.index = read_index(path, "index shard")
+        self.offset = row_offset(self.index, first_row)
         set_search_params(self.index, params)
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+        D, I = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+        return D, with_offset(I, self.offset)
 
 
 class RemoteShards(ShardedIndex):

@@ -246,7 +246,7 @@ class WorkdirReader:
         else:   # --index-shards: every shard, searched as one (faiss_index.ShardedIndex)
             index = faiss_index.ShardedIndex([
                 faiss_index.read_index(self.workdir.shards_dir(index_str) / sh["file"], "index shard", mmap=mmap)
-                for sh in listed["shards"]])
+                for sh in listed["shards"]], [sh["first_row"] for sh in listed["shards"]])
         faiss_index.set_search_params(index, self.search_params()["params"])
         return index
 

@@ -63,17 +63,11 @@ def test_sharded_search_equals_the_whole_index_search(index_str):
     empty = faiss_index.train(index_str, x[:2000], _Log())
     whole = faiss.clone_index(empty)
     whole.add(x)
-    shards = []
-    for s, e in ((0, 700), (700, 1500), (1500, 2900), (2900, 3000)):   # as index-add adds them: codes with ids
-        codes = empty.sa_encode(x[s:e])
-        shard = faiss.clone_index(empty) if faiss_index.ivf_of(empty) is not None else \
-            faiss.IndexIDMap(faiss.clone_index(empty))    # a Flat index takes ids through an IDMap
-        if isinstance(shard, faiss.IndexIDMap):
-            shard.add_with_ids(x[s:e], np.arange(s, e, dtype=np.int64))
-        else:
-            shard = faiss_index.add_codes(shard, codes, np.arange(s, e, dtype=np.int64))
-        shards.append(shard)
-    sharded = faiss_index.ShardedIndex(shards)
+    shards, ranges = [], ((0, 700), (700, 1500), (1500, 2900), (2900, 3000))
+    for s, e in ranges:   # as index-add adds them: codes with their rows as ids (a Flat index keeps no ids)
+        shards.append(faiss_index.add_codes(faiss.clone_index(empty), empty.sa_encode(x[s:e]),
+                                            np.arange(s, e, dtype=np.int64)))
+    sharded = faiss_index.ShardedIndex(shards, [s for s, _ in ranges])
     assert sharded.ntotal == whole.ntotal == 3000
     for params in faiss_index.search_grid(whole)[:3]:
         faiss_index.set_search_params(whole, params)
@@ -83,8 +77,12 @@ def test_sharded_search_equals_the_whole_index_search(index_str):
         assert np.array_equal(iw, is_), params
         np.testing.assert_allclose(dw, ds, rtol=1e-5, atol=1e-5)
         assert list(iw[-1, :2]) == [100, 2500]             # the tie, by id
+        searcher = faiss_index.ShardSearcher.__new__(faiss_index.ShardSearcher)   # a service's view of shard 3
+        searcher.index, searcher.offset = shards[2], faiss_index.row_offset(shards[2], 1500)
+        _, i3 = searcher.search(q, 10)
+        assert ((i3 >= 1500) & (i3 < 2900) | (i3 == -1)).all()
     # fewer rows than k in the shards together: what is found first, then -1 as faiss pads
-    d, i = faiss_index.search(faiss_index.ShardedIndex(shards[3:]), q[:2], 120)
+    d, i = faiss_index.search(faiss_index.ShardedIndex(shards[3:], [2900]), q[:2], 120)
     assert (i[i >= 0] >= 2900).all() and (i[:, 100:] == -1).all() and (i[:, 0] >= 0).all()
     assert (np.diff((i < 0).astype(int), axis=1) >= 0).all()
     assert faiss_index.shard_bounds([(0, 10), (10, 20), (20, 30), (30, 40)], 2) == [(0, 2), (2, 4)]
@@ -432,8 +430,9 @@ def test_an_index_larger_than_index_memory_keeps_its_lists_on_disk(tmp_path, pre
 
 
 
+@pytest.mark.parametrize("index_str", ["IVF8,Flat", "Flat"])   # Flat keeps no ids: shards number rows from 0
 def test_a_build_with_index_shards_saves_the_neighbors_of_a_whole_index(tmp_path, prefix, gpt_tokenizer_path,
-                                                                        tiny_bert_dir):
+                                                                        tiny_bert_dir, index_str):
     """--index-shards 3: index-add writes three shards of contiguous rows and shards.json (no whole index), the
     tuned settings and recall are the whole index's, and query-neighbors saves byte-identical neighbors."""
     from helpers import saved_neighbors
@@ -441,7 +440,7 @@ def test_a_build_with_index_shards_saves_the_neighbors_of_a_whole_index(tmp_path
     from retro_pipeline.workdir import Workdir
 
     stages = STAGES + ["query-neighbors"]
-    kw = dict(train_samples=6, seq_length=64)
+    kw = dict(train_samples=6, seq_length=64, index_str=index_str)
     run_stages(str(tmp_path / "one"), stages, given(prefix, gpt_tokenizer_path, tiny_bert_dir, **kw),
                RunOptions(executor="local", progress=False))
     out = run_stages(str(tmp_path / "three"), stages,
@@ -449,12 +448,12 @@ def test_a_build_with_index_shards_saves_the_neighbors_of_a_whole_index(tmp_path
                      RunOptions(executor="local", progress=False))
     assert out["index-add"]["index_shards"] == 3
     one, three = Workdir(tmp_path / "one"), Workdir(tmp_path / "three")
-    listed = read_json(three.shards_path("IVF8,Flat"))
-    assert listed["n_shards"] == 3 and not three.added_index_path("IVF8,Flat").exists()
+    listed = read_json(three.shards_path(index_str))
+    assert listed["n_shards"] == 3 and not three.added_index_path(index_str).exists()
     rows = [(sh["first_row"], sh["end_row"]) for sh in listed["shards"]]
     assert rows[0][0] == 0 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
     assert rows[-1][1] == sum(sh["ntotal"] for sh in listed["shards"]) == out["index-add"]["n_chunks_added"]
-    sa, sb = read_json(one.search_params_path("IVF8,Flat")), read_json(three.search_params_path("IVF8,Flat"))
+    sa, sb = read_json(one.search_params_path(index_str)), read_json(three.search_params_path(index_str))
     assert sa["params"] == sb["params"] and sa["recall@10"] == sb["recall@10"]
     a, b = saved_neighbors(tmp_path / "one", "train"), saved_neighbors(tmp_path / "three", "train")
     assert a.shape == b.shape and a.shape[0] >= 6 * 4 and (a >= 0).any() and np.array_equal(a, b)

@@ -246,7 +246,7 @@ class IndexAddStage(EmbeddingStage):
         write_json(self.workdir.shards_path(s), {"index_str": s, "n_shards": len(groups),
                                                  "metric_type": int(shards[0].metric_type), "shards": listed})
         self.workdir.added_index_path(s).unlink(missing_ok=True)
-        return faiss_index.ShardedIndex(shards)
+        return faiss_index.ShardedIndex(shards, [sh["first_row"] for sh in listed])
 
     # ---- the merge: a one-off job
     def finalize(self, blocks: list[Block], results: dict[str, dict]) -> dict[str, Any]:

@@ -199,7 +199,7 @@ class QueryNeighborsStage(EmbeddingStage):
         for i, sh in enumerate(listed["shards"]):
             path = self.workdir.shards_dir(index_str) / sh["file"]
             out.append(Service(f"shard {i + 1} of {listed['n_shards']}", faiss_index.ShardSearcher,
-                               (str(path), params), memory=int(path.stat().st_size * 1.25) + (64 << 20)))
+                               (str(path), params, sh["first_row"]), memory=int(path.stat().st_size * 1.25) + (64 << 20)))
         return out
 
     def texts(self, block: Block, state) -> list[str]:
