@@ -84,9 +84,10 @@ def verify(workdir, fraction: float = 0.05, seed: int = 0, given: dict[str, Any]
             for cls in done:
                 stage = make_stage(cls, wd, cfg)
                 recorded = recorded_run(stage, given or {})
+                threads = recorded.pop("threads", None)   # not an option: the workers' CPU threads
                 if recorded:  # embed as the build did (batch size, dtype, device), unless told otherwise
                     stage = make_stage(cls, wd, resolve(wd.stored(), {**recorded, **(given or {})})[0])
-                check = verify_stage(stage, scratch, fraction, seed, progress)
+                check = verify_stage(stage, scratch, fraction, seed, progress, threads=threads)
                 out.append(check)
                 if on_stage is not None:
                     on_stage(check)
@@ -111,7 +112,10 @@ def recorded_run(stage, given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def verify_stage(stage, scratch: Path, fraction: float, seed: int, progress: bool = False) -> StageCheck:
+def verify_stage(stage, scratch: Path, fraction: float, seed: int, progress: bool = False,
+                 threads: int | None = None) -> StageCheck:
+    """Recompute a seeded share of ``stage``'s blocks into ``scratch`` and compare them; ``threads``: the CPU
+    threads the build's workers embedded with (their markers say), else every CPU here."""
     from retro_pipeline.executor.base import stage_failed
 
     wd: Workdir = stage.workdir
@@ -135,7 +139,7 @@ def verify_stage(stage, scratch: Path, fraction: float, seed: int, progress: boo
         except Exception as e:
             raise stage_failed(stage, what, e) from e
 
-    state = call("setup", stage.setup, {"num_cpus": os.cpu_count() or 1, "num_gpus": 0})
+    state = call("setup", stage.setup, {"num_cpus": threads or os.cpu_count() or 1, "num_gpus": 0})
     bar = None
     if progress:
         import sys

@@ -124,3 +124,32 @@ def test_bad_input_is_one_error_line(tmp_path, workdir, args, words):
         (wd / "config.json").write_text("{}")
     assert_clean_error(invoke("--workdir", wd, *args), *words)
     assert not list(tmp_path.rglob(".verify-*"))
+
+
+def test_embeddings_are_recomputed_with_the_threads_the_build_used(built, monkeypatch):
+    """CPU float sums depend on the thread count for some batches (measured), so block markers record the
+    workers' torch threads and verify embeds with that many (a Ray build's 1-thread workers vs every CPU here
+    gave a false 'DIFFERS' on the demo build)."""
+    import torch
+
+    import retro_pipeline.stages.embed as embed
+
+    markers = sorted((built / "markers" / "embed-sampled").glob("[!_]*.json"))
+    assert {json.loads(p.read_text())["run"]["threads"] for p in markers} == {torch.get_num_threads()}
+    seen = []
+    real = embed.embedding_state
+    monkeypatch.setattr(embed, "embedding_state", lambda cfg, res: seen.append(res["num_cpus"]) or real(cfg, res))
+    saved = {p: p.read_text() for p in markers}
+    threads = torch.get_num_threads()
+    try:
+        for p in markers:   # as a build on 1-CPU Ray workers records them
+            m = json.loads(saved[p])
+            m["run"]["threads"] = 1
+            p.write_text(json.dumps(m))
+        r = invoke("--workdir", built, "--fraction", 0.2, "--no-progress")
+        assert r.exit_code == 0, (r.output, r.exception)
+    finally:
+        for p, text in saved.items():
+            p.write_text(text)
+        torch.set_num_threads(threads)   # verify set this process's threads to the markers'
+    assert seen and seen[0] == 1, seen           # embed-sampled: its markers' threads

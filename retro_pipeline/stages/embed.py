@@ -105,10 +105,15 @@ class EmbeddingStage(Stage):
         return embedding_state(self.cfg, resources)
 
     def run_record(self, state) -> dict[str, Any]:
+        import torch
+
         enc = state["encoder"]
-        return {"device": enc.device.type, "dtype": str(enc.compute_dtype).removeprefix("torch."),
-                "batch_tokens": int(self.cfg.batch_tokens or enc.default_batch_tokens()),
-                "batch_size": self.cfg.batch_size, "embed_pool": int(self.cfg.embed_pool)}
+        out = {"device": enc.device.type, "dtype": str(enc.compute_dtype).removeprefix("torch."),
+               "batch_tokens": int(self.cfg.batch_tokens or enc.default_batch_tokens()),
+               "batch_size": self.cfg.batch_size, "embed_pool": int(self.cfg.embed_pool)}
+        if enc.device.type == "cpu":   # CPU float sums depend on the thread count for some batches
+            out["threads"] = int(torch.get_num_threads())
+        return out
 
     # ---- blocks in pools: the texts of a group's blocks are embedded as one length-sorted pool, so that a
     # batch pads little whatever the block size; each block is then written from its share
