@@ -5,7 +5,8 @@ copied 1x, 4x and 16x into one Megatron corpus (each copy's documents again, in 
 BERT of hidden size 64 with all-MiniLM-L6-v2's tokenizer, so that embedding does not hide the rest. Pretraining
 samples: one epoch of the train split at ``--seq-length`` (so they grow with the corpus too).
 
-Each stage runs as its own ``retro-pipeline <stage>`` process with the local executor (its blocks and its
+With ``--ray-workers 1,2`` each size is also built whole on Ray with that many workers (stage times from the
+done markers). Each stage runs as its own ``retro-pipeline <stage>`` process with the local executor (its blocks and its
 one-off job in that process), and the process's peak RSS (``ru_maxrss``) and wall time are recorded: the
 memory of a stage's whole work in one process, which must stay flat as the corpus grows. Per size, the build
 also runs with ``--index-shards`` (default 4) to compare. Printed: a table per stage, and the ratios 16x / 1x
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4, help="the sharded variant's --index-shards (0: none)")
     ap.add_argument("--seq-length", type=int, default=512)
     ap.add_argument("--index-str", default="IVF64,PQ16")
+    ap.add_argument("--ray-workers", default="", help="also build on Ray with these worker counts (e.g. 1,2): one "
+                    "`build` process each, stage times from its done markers (the workers' memory is not measured)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from retro_pipeline.demo import build_demo_corpus
@@ -105,15 +108,30 @@ def main() -> None:
                 results.append(row)
                 print(f"x{copies:<3} shards {shards}  {stage:<16} {got['seconds']:7.1f} s  "
                       f"peak RSS {got['peak_rss_mb']:7.0f} MB", flush=True)
+        for workers in [int(w) for w in args.ray_workers.split(",") if w]:
+            wd = os.path.join(args.out, f"w{copies}-ray{workers}-{time.time_ns()}")
+            config = os.path.join(args.out, f"config-{copies}-1.json")
+            cmd = [sys.executable, "-c", MEASURE, sys.executable, "-m", "retro_pipeline", "build", "--workdir", wd,
+                   "--num-workers", str(workers), "--no-progress", "--config", config]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"build on Ray x{copies} {workers} workers failed:\n{r.stderr[-3000:]}")
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            stages = {st: json.load(open(os.path.join(wd, "markers", st, "_done.json")))["seconds"] for st in STAGES}
+            results.append({"copies": copies, "ray_workers": workers, "build_seconds": got["seconds"],
+                            "stage_seconds": stages})
+            print(f"x{copies:<3} Ray, {workers} workers: build {got['seconds']:.1f} s (" +
+                  ", ".join(f"{st} {sec:.1f}" for st, sec in stages.items()) + ")", flush=True)
     with open(os.path.join(args.out, "scale.json"), "w") as f:
         json.dump(results, f, indent=1)
-    sizes = sorted({r["copies"] for r in results})
+    local = [r for r in results if "stage" in r]
+    sizes = sorted({r["copies"] for r in local})
     lo, hi = sizes[0], sizes[-1]
     print(f"\n{'stage':<16} {'shards':>6} {'time x' + str(hi) + '/x' + str(lo):>14} {'RSS x' + str(hi) + '/x' + str(lo):>13}")
-    for shards in sorted({r["shards"] for r in results}):
+    for shards in sorted({r["shards"] for r in local}):
         for stage in STAGES:
-            a = next(r for r in results if r["copies"] == lo and r["shards"] == shards and r["stage"] == stage)
-            b = next(r for r in results if r["copies"] == hi and r["shards"] == shards and r["stage"] == stage)
+            a = next(r for r in local if r["copies"] == lo and r["shards"] == shards and r["stage"] == stage)
+            b = next(r for r in local if r["copies"] == hi and r["shards"] == shards and r["stage"] == stage)
             print(f"{stage:<16} {shards:>6} {b['seconds'] / a['seconds']:>14.2f} "
                   f"{b['peak_rss_mb'] / a['peak_rss_mb']:>13.2f}")
 
