@@ -146,7 +146,9 @@ def train_command() -> click.Command:
             opt.help = f"{', '.join(takers)}: {opt.help[:1].lower()}{opt.help[1:]}"
         own.append(opt)
     base = _train_base
-    return click.Command("train", callback=base.callback, params=[task_opt, *base.params[:-1], *own, base.params[-1]],
+    trainer_opts = [p for p in base.params if p.name != "no_progress"]
+    last = [p for p in base.params if p.name == "no_progress"]
+    return click.Command("train", callback=base.callback, params=[task_opt, *trainer_opts, *own, *last],
                          help=base.help, short_help=base.short_help, context_settings=base.context_settings)
 
 

@@ -237,10 +237,9 @@ class WorkdirReader:
         """The built index (all train chunks added), with the tuned search parameters set: one faiss index, or a
         :class:`retro_pipeline.faiss_index.ShardedIndex` of the shards ``shards.json`` lists."""
         from retro_pipeline import faiss_index
-        from retro_pipeline.io import read_json
 
         index_str = self.index_info()["index_str"]
-        listed = read_json(self.workdir.shards_path(index_str))
+        listed = self.shards()
         if listed is None:
             index = faiss_index.read_index(self.workdir.added_index_path(index_str), "index", mmap=mmap)
         else:   # --index-shards: every shard, searched as one (faiss_index.ShardedIndex)
@@ -249,6 +248,13 @@ class WorkdirReader:
                 for sh in listed["shards"]], [sh["first_row"] for sh in listed["shards"]])
         faiss_index.set_search_params(index, self.search_params()["params"])
         return index
+
+    def shards(self) -> dict | None:
+        """``shards.json`` of an index cut into shards (--index-shards): ``n_shards``, ``metric_type`` and per
+        shard its ``file``, ``first_row``, ``end_row`` and ``ntotal``; None for one whole index."""
+        from retro_pipeline.io import read_json
+
+        return read_json(self.workdir.shards_path(self.index_info()["index_str"]))
 
     def db_infos(self) -> list[dict]:
         """``db/indexed_dataset_infos.json``: per corpus its ratio, prefix, document and chunk counts."""

@@ -298,14 +298,11 @@ class IndexAddStage(EmbeddingStage):
         params, chosen, table = faiss_index.tune(index, queries, truth, self.cfg.num_neighbors_save,
                                                  self.cfg.target_recall, given, log)
         if self.cfg.index_shards == 1:
-            faiss_index.write_index(index, self.workdir.added_index_path(self.index_str))
-            for stale in (self.workdir.shards_path(self.index_str), self.workdir.shards_dir(self.index_str)):
-                if stale.is_dir():
-                    import shutil
+            import shutil
 
-                    shutil.rmtree(stale)
-                else:
-                    stale.unlink(missing_ok=True)
+            faiss_index.write_index(index, self.workdir.added_index_path(self.index_str))
+            self.workdir.shards_path(self.index_str).unlink(missing_ok=True)   # never beside an older run's shards
+            shutil.rmtree(self.workdir.shards_dir(self.index_str), ignore_errors=True)
         k = min(self.cfg.num_neighbors_save, truth.shape[1])
         write_json(self.workdir.search_params_path(self.index_str), {
             "index_str": self.index_str, "params": params, "target_recall": self.cfg.target_recall,

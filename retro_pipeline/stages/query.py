@@ -23,7 +23,7 @@ import numpy as np
 
 from retro_pipeline import faiss_index
 from retro_pipeline.errors import RetroError
-from retro_pipeline.io import atomic_path, h5_create, h5_open_write, read_json
+from retro_pipeline.io import atomic_path, h5_create, h5_open_write
 from retro_pipeline.samples import SPLITS, SampleSet, eval_iters, split_samples
 from retro_pipeline.stage import Block, Option, Resources, Service, block_file_name, rows_per_block
 from retro_pipeline.stages.embed import EMBED_OPTIONS, EmbeddingStage
@@ -165,7 +165,7 @@ class QueryNeighborsStage(EmbeddingStage):
         state = super().setup(resources)
         reader = WorkdirReader(self.workdir)
         if self.service_handles:   # --index-shards on Ray: each shard searched by its own service
-            listed = read_json(self.workdir.shards_path(reader.index_info()["index_str"]))
+            listed = reader.shards()
             state["index"] = faiss_index.RemoteShards(self.service_handles, reader.index_info()["dim"],
                                                       sum(sh["ntotal"] for sh in listed["shards"]),
                                                       listed["metric_type"])
@@ -191,7 +191,7 @@ class QueryNeighborsStage(EmbeddingStage):
 
         reader = WorkdirReader(self.workdir)
         index_str = reader.index_info()["index_str"]
-        listed = read_json(self.workdir.shards_path(index_str))
+        listed = reader.shards()
         if listed is None or listed["n_shards"] < 2:
             return []
         params = reader.search_params()["params"]
