@@ -254,7 +254,14 @@ class WorkdirReader:
         shard its ``file``, ``first_row``, ``end_row`` and ``ntotal``; None for one whole index."""
         from retro_pipeline.io import read_json
 
-        return read_json(self.workdir.shards_path(self.index_info()["index_str"]))
+        index_str = self.index_info()["index_str"]
+        listed = read_json(self.workdir.shards_path(index_str))
+        for sh in (listed or {}).get("shards", ()):
+            path = self.workdir.shards_dir(index_str) / sh["file"]
+            if not path.exists():
+                raise RetroError(f"{path}: this index shard is missing; merge it again with 'retro-pipeline "
+                                 f"index-add --workdir {self.workdir.root}' (the other shards are kept)")
+        return listed
 
     def db_infos(self) -> list[dict]:
         """``db/indexed_dataset_infos.json``: per corpus its ratio, prefix, document and chunk counts."""

@@ -457,6 +457,15 @@ def test_a_build_with_index_shards_saves_the_neighbors_of_a_whole_index(tmp_path
     assert sa["params"] == sb["params"] and sa["recall@10"] == sb["recall@10"]
     a, b = saved_neighbors(tmp_path / "one", "train"), saved_neighbors(tmp_path / "three", "train")
     assert a.shape == b.shape and a.shape[0] >= 6 * 4 and (a >= 0).any() and np.array_equal(a, b)
+    # a shard file lost: reading the index is a one-line error naming it, and index-add merges it again
+    lost = three.shards_dir(index_str) / listed["shards"][1]["file"]
+    kept = three.shards_dir(index_str) / listed["shards"][0]["file"]
+    before, kept_mtime = lost.read_bytes(), kept.stat().st_mtime_ns
+    lost.unlink()
+    r = invoke("query-neighbors", "--workdir", tmp_path / "three", "--redo", "--no-progress")
+    assert_clean_error(r, str(lost), "index-add")
+    run_stages(str(tmp_path / "three"), ["index-add"], {}, RunOptions(executor="local", progress=False))
+    assert lost.read_bytes() == before and kept.stat().st_mtime_ns == kept_mtime
 
 def test_kept_embeddings_let_another_index_str_skip_embedding(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir):
     wd = tmp_path / "w"

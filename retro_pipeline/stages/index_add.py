@@ -135,8 +135,13 @@ class IndexAddStage(EmbeddingStage):
 
     def final_outputs(self) -> list[Path]:
         s = self.index_str
-        index = self.workdir.added_index_path(s) if self.cfg.index_shards == 1 else self.workdir.shards_path(s)
-        return [index, self.workdir.search_params_path(s)]
+        if self.cfg.index_shards == 1:
+            return [self.workdir.added_index_path(s), self.workdir.search_params_path(s)]
+        from retro_pipeline.io import read_json
+
+        listed = read_json(self.workdir.shards_path(s)) or {}   # a shard gone since is merged again
+        return [self.workdir.shards_path(s), *(self.workdir.shards_dir(s) / sh["file"] for sh in
+                                               listed.get("shards", ())), self.workdir.search_params_path(s)]
 
     def finalize_note(self) -> str | None:
         return f"merging the blocks' codes into {self.index_str} and measuring its recall (tuning its search " \
