@@ -117,7 +117,7 @@ def _train_ray(cfg: TrainConfig, loop: Callable[..., dict]) -> dict:
                                  storage_path=os.path.join(out, ".ray_train"),
                                  failure_config=FailureConfig(max_failures=0)))
         try:
-            result = trainer.fit()
+            result = _interruptible(trainer.fit)
         except Exception as e:  # noqa: BLE001 - a worker's UserError becomes ours again
             user = _find_user_error(e)
             if user is not None:
@@ -132,6 +132,29 @@ def _train_ray(cfg: TrainConfig, loop: Callable[..., dict]) -> dict:
     finally:
         if started:
             ray.shutdown()
+
+
+def _interruptible(fn):
+    """``fn()`` in a thread while this (main) thread waits in short joins: Ray Train's fit blocks in a
+    ``ray.get`` that never runs the command's SIGTERM handler, so a stop would wait for the whole run. Here
+    the handler's exception comes out at once; the caller's ``ray.shutdown`` then ends the workers."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as it is
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _find_user_error(e: BaseException, depth: int = 0) -> BaseException | None:

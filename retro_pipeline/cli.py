@@ -154,8 +154,9 @@ class RetroCLI(click.Group):
         return rv
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is. A BaseException, as KeyboardInterrupt is: library code that
+    catches Exception to keep going (Ray Train's controller loop does) must not swallow a stop."""
 
 
 def _sigterm(signum, frame):

@@ -576,3 +576,41 @@ def test_a_registered_task_gets_its_flags_help_checkpoint_settings_and_resume_ch
         unregister_task("toy")
         sys.modules.pop(module.__name__, None)
     assert "--noise-level" not in CliRunner().invoke(cli, ["train", "--help"]).output
+
+
+@pytest.mark.slow  # a 2-worker Ray Train process, stopped
+def test_sigterm_stops_a_two_worker_run_at_once(tmp_path, tiny_bert_dir, corpus_texts):
+    """Ray Train's fit waits in a ray.get that never runs the command's SIGTERM handler: the wait is made
+    interruptible, so SIGTERM stops a 2-worker run in seconds with the one-line resume hint (it went on to the
+    end before)."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import env_without_ray_address
+
+    out = tmp_path / "run"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": r["query"], "pos": r["positive"]}) + "\n"
+                             for r in _pairs(corpus_texts, 16)))
+    proc = subprocess.Popen([sys.executable, "-m", "retro_pipeline", "train", "--task", "contrastive", "--model",
+                             tiny_bert_dir, "--train-file", str(pairs), "--output-dir", str(out), "--max-steps",
+                             "100000", "--batch-size", "4", "--max-length", "32", "--num-workers", "2",
+                             "--save-every", "1", "--no-progress"], env=env_without_ray_address(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not list((out / CHECKPOINTS).glob("step-*")):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        stopped_in = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert proc.returncode == 143 and stopped_in < 30, (proc.returncode, stopped_in, err[-3000:])
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "--resume latest" in lines[0] and "Traceback" not in err, err[-3000:]
