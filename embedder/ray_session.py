@@ -83,6 +83,8 @@ def drop_ray_noise() -> None:
         def filtered(data):
             try:
                 gcs = data.get("pid") == "gcs_server"
+                if "PlacementGroupCleaner" in str(data.get("actor_name") or data.get("task_name") or ""):
+                    return   # Ray Train's cleaner: state-API polls, and a traceback when Ray stops under it
                 lines = [ln for ln in data.get("lines", ())
                          if not _TRAIN_NOISE.search(ln) and not (gcs and _GCS_NOISE.search(ln))]
                 if not lines:
