@@ -16,8 +16,13 @@ setup: $(PY)
 # megatron-core 0.13.1 is the reference the tests check Megatron compatibility against. It pins numpy < 2
 # (its dataset code runs on numpy 2), so it goes in without its dependencies; its wheel is built for
 # CPython 3.11 only, and those tests skip, saying so, where it is missing.
+# The browser tests drive Debian's chromium (Playwright cannot download its own browser offline); as root it is
+# installed here, elsewhere those tests say how to get it.
 setup-dev: $(PY)
 	$(PY) -m pip install -q -e '.[cpu,dev]'
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "no chromium: the browser tests cannot run (apt-get install chromium)" >&2
 	$(PY) -m pip install -q --no-deps --only-binary=:all: megatron-core==0.13.1 || \
 	  echo "megatron-core 0.13.1 has no wheel for this Python: the Megatron reference tests will skip" >&2
 
