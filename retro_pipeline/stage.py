@@ -45,12 +45,15 @@ class Option(DeclaredOption):
 @dataclass(frozen=True)
 class Service:
     """One service of a stage (:meth:`Stage.services`): ``factory(*args)`` builds the object whose methods
-    workers call; ``memory`` (bytes) places it on a node that can hold it."""
+    workers call; ``memory`` (bytes) places it on a node that can hold it. ``optional``: the workers can do
+    the work themselves (slower), so services the cluster cannot hold are skipped with a warning instead of
+    failing the stage."""
 
     name: str
     factory: Callable[..., Any]
     args: tuple = ()
     memory: int | None = None
+    optional: bool = False
 
 
 @dataclass(frozen=True)

@@ -361,7 +361,7 @@ def test_sigkill_inside_a_one_off_job_then_rerun_on_ray_is_byte_identical(tmp_pa
 
 @pytest.mark.slow  # a build on Ray
 def test_on_ray_each_shard_is_searched_by_its_own_service(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
-                                                          ray_session):
+                                                          ray_session, monkeypatch, caplog):
     """--index-shards 3 on Ray: query-neighbors starts one searcher actor per shard (placed by the memory it
     declares), its workers send each block's embeddings to them and merge, and the neighbors equal a
     one-index local build's byte for byte."""
@@ -378,6 +378,36 @@ def test_on_ray_each_shard_is_searched_by_its_own_service(tmp_path, prefix, gpt_
     assert q["blocks"] >= 1 and q["n_blocks_searched_by_shard_services"] == q["blocks"], q
     a, b = saved_neighbors(tmp_path / "one", "train"), saved_neighbors(tmp_path / "ray", "train")
     assert a.shape == b.shape and np.array_equal(a, b)
+    # shards the nodes cannot all hold (e.g. one node, shards cut to fit --index-memory each): the workers
+    # search them memory-mapped instead, with a warning, and save the same neighbors
+    import retro_pipeline.executor.ray as ray_executor
+
+    monkeypatch.setattr(ray_executor, "services_unplaced", lambda ray, memory: 1)
+    with caplog.at_level("WARNING"):
+        out = run_stages(str(tmp_path / "ray"), ["query-neighbors"], {},
+                         RunOptions(executor="ray", num_workers=2, progress=False), redo=True)
+    q = out["query-neighbors"]
+    assert q["blocks_run"] == q["blocks"] >= 1 and q["n_blocks_searched_by_shard_services"] == 0, q
+    assert "the workers do that work themselves" in caplog.text
+    assert np.array_equal(a, saved_neighbors(tmp_path / "ray", "train"))
+
+
+def test_services_are_packed_on_the_nodes_memory_largest_first():
+    from retro_pipeline.executor.ray import services_unplaced
+
+    class FakeRay:
+        def __init__(self, *memory):
+            self.memory = memory
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"memory": m}} for m in self.memory] + \
+                [{"Alive": False, "Resources": {"memory": 100}}]
+
+    assert services_unplaced(FakeRay(10, 10), [5, 5, 5, 5]) == 0
+    assert services_unplaced(FakeRay(10, 10), [6, 6, 4, 4]) == 0        # largest first: 6+4 on each node
+    assert services_unplaced(FakeRay(10, 10), [6, 6, 6]) == 1
+    assert services_unplaced(FakeRay(10), [11]) == 1                   # a dead node's memory does not count
+    assert services_unplaced(FakeRay(), [1]) == 1
 
 @pytest.mark.slow  # a killed CLI process and a rerun on Ray
 def test_sigkill_between_shard_merges_then_rerun_on_ray_is_byte_identical(tmp_path, prefix, gpt_tokenizer_path,
@@ -406,13 +436,45 @@ def test_sigkill_between_shard_merges_then_rerun_on_ray_is_byte_identical(tmp_pa
     assert index_files(wd) == index_files(ref)
 
 
+def test_an_index_larger_than_index_memory_is_cut_into_shards_that_each_fit_it(tmp_path, prefix, gpt_tokenizer_path,
+                                                                                tiny_bert_dir, reference):
+    """--index-shards auto (the default): past --index-memory, the fewest shards that each fit it; their merged
+    search equals the one index's, and an --index-memory that would need more shards than blocks fails before
+    any block is embedded."""
+    from retro_pipeline.io import read_json
+    from retro_pipeline.read import WorkdirReader
+    from retro_pipeline.workdir import Workdir
+
+    whole = WorkdirReader(Workdir(reference))
+    n = whole.db_num_chunks("train")
+    need = n * (whole.index().sa_code_size() + 8)
+    budget = -(-need // 3)   # three shards of at most `budget` bytes, not two
+    out = build(tmp_path / "auto", prefix, gpt_tokenizer_path, tiny_bert_dir, index_memory=str(budget))
+    assert out["index-add"]["index_shards"] == 3 and not out["index-add"]["lists_on_disk"]
+    wd = Workdir(tmp_path / "auto")
+    listed = read_json(wd.shards_path("IVF8,Flat"))
+    assert listed["n_shards"] == 3 and not wd.added_index_path("IVF8,Flat").exists()
+    assert all(sh["ntotal"] * (whole.index().sa_code_size() + 8) <= budget + 300 * (whole.index().sa_code_size() + 8)
+               for sh in listed["shards"])   # each about a third: within one block (300 rows) of the budget
+    sharded = WorkdirReader(wd)
+    _, q = whole.queries()
+    da, ia = faiss_index.search(whole.index(), q, 20)
+    db_, ib = faiss_index.search(sharded.index(), q, 20)
+    assert np.array_equal(ia, ib) and np.array_equal(da, db_) and (ia >= 0).all()
+    assert sharded.search_params()["params"] == whole.search_params()["params"]
+    with pytest.raises(Exception, match="raise --index-memory or lower --block-size"):
+        build(tmp_path / "tiny", prefix, gpt_tokenizer_path, tiny_bert_dir, index_memory="100")
+    assert Workdir(tmp_path / "tiny").empty_index_path("IVF8,Flat").exists()   # index-train ran, index-add did not
+    assert not list(Workdir(tmp_path / "tiny").add_codes_dir("IVF8,Flat").glob("*.hdf5"))
+
+
 def test_an_index_larger_than_index_memory_keeps_its_lists_on_disk(tmp_path, prefix, gpt_tokenizer_path,
                                                                     tiny_bert_dir):
     from retro_pipeline.read import WorkdirReader
     from retro_pipeline.workdir import Workdir
 
     mem = build(tmp_path / "mem", prefix, gpt_tokenizer_path, tiny_bert_dir)
-    disk = build(tmp_path / "disk", prefix, gpt_tokenizer_path, tiny_bert_dir, index_memory="1K")
+    disk = build(tmp_path / "disk", prefix, gpt_tokenizer_path, tiny_bert_dir, index_memory="1K", index_shards=1)
     assert not mem["index-add"]["lists_on_disk"] and disk["index-add"]["lists_on_disk"]
     wd = Workdir(tmp_path / "disk")
     lists = wd.added_lists_dir("IVF8,Flat") / "lists.ivfdata"

@@ -64,6 +64,20 @@ def check_feasible(ray, cpus: float, gpus: float, memory: int | None = None) -> 
                      f"(the most on one node: {best_cpu:g} CPUs); lower --cpus-per-worker")
 
 
+def services_unplaced(ray, memory: list[int]) -> int:
+    """How many of services declaring ``memory`` (bytes each) find no room when placed largest first, each on
+    the first alive node with that much of its memory resource left (first-fit decreasing)."""
+    room = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    unplaced = 0
+    for need in sorted(memory, reverse=True):
+        fit = next((i for i, r in enumerate(room) if r >= need), None)
+        if fit is None:
+            unplaced += 1
+        else:
+            room[fit] -= need
+    return unplaced
+
+
 def node_slots(ray, cpus: float, gpus: float, max_per_node: int) -> list[str]:
     """Node ids for the workers of a stage that allows at most ``max_per_node`` workers per node: each alive
     node repeated as often as it holds a worker (capped), nodes taking turns."""
@@ -261,20 +275,33 @@ class RayExecutor:
         """The stage's services (``Stage.services``) as actors while its blocks run: each placed on a node with
         the memory it declares (no CPUs reserved: it answers its callers' requests), restarted where it or its
         node is lost with its calls retried (results are a function of the request, so nothing is lost or
-        doubled), and killed at the end. A service that no node can hold is an error before any block runs."""
+        doubled), and killed at the end. Services the alive nodes cannot hold (packed largest first) are an
+        error before any block runs, or, where every one is ``optional``, skipped with a warning."""
         specs = stage.services()
         if not specs:
             yield
             return
         ray = ensure_ray(self.address)
+        unplaced = services_unplaced(ray, [s.memory or 0 for s in specs])
+        if unplaced and all(s.optional for s in specs):
+            log.warning("[%s] its %d services need %.1f GiB of memory in all and the Ray cluster's nodes cannot "
+                        "hold %d of them; the workers do that work themselves instead (slower)", stage.name,
+                        len(specs), sum(s.memory or 0 for s in specs) / 2**30, unplaced)
+            yield
+            return
+        for spec in specs:
+            try:
+                check_feasible(ray, 0, 0, spec.memory)
+            except RetroError as e:
+                raise RetroError(f"[{stage.name}] {spec.name}: {e}") from None
+        if unplaced:
+            raise RetroError(f"[{stage.name}] its {len(specs)} services need {sum(s.memory or 0 for s in specs) / 2**30:.1f} "
+                             f"GiB of memory in all and the Ray cluster's nodes cannot hold {unplaced} of them; "
+                             f"add nodes or use larger ones")
         host = ray.remote(_ServiceHost)
         handles = []
         try:
             for spec in specs:
-                try:
-                    check_feasible(ray, 0, 0, spec.memory)
-                except RetroError as e:
-                    raise RetroError(f"[{stage.name}] {spec.name}: {e}") from None
                 options: dict[str, Any] = {"num_cpus": 0, "max_restarts": INFRA_RETRIES,
                                            "max_task_retries": INFRA_RETRIES, "namespace": SERVICE_NAMESPACE,
                                            "name": f"{stage.name}-service-{len(handles)}-{uuid.uuid4().hex[:8]}"}

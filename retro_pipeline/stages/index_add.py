@@ -39,6 +39,16 @@ def auto_or_positive(flag: str):
     return normalize
 
 
+def auto_or_count(flag: str):
+    """'auto', or the positive integer given (as an int)."""
+    check = auto_or_positive(flag)
+
+    def normalize(value) -> str | int:
+        text = check(value)
+        return text if text == "auto" else int(text)
+    return normalize
+
+
 # shared with query-neighbors, which keeps that many neighbors per chunk
 NUM_NEIGHBORS_SAVE = Option("num_neighbors_save", int, 20, "Neighbors kept per chunk (and the k of the measured "
                             "recall@k).", minimum=1)
@@ -64,10 +74,13 @@ class IndexAddStage(EmbeddingStage):
         Option("nprobe", str, "auto", "IVF lists searched per query, or auto (tuned).",
                normalize=auto_or_positive("--nprobe")),
         Option("ef_search", str, "auto", "HNSW efSearch, or auto (tuned).", normalize=auto_or_positive("--ef-search")),
-        Option("index_shards", int, 1, "Cut the added index into this many shards, each the codes of a contiguous "
-               "range of train-DB rows with the one trained quantizer and codebooks (index/.../shards.json lists "
-               "them): an index too large for one node's memory. query-neighbors searches every shard and merges "
-               "their top-k, which equals the whole index's search. 1: one index (Megatron's file).", minimum=1),
+        Option("index_shards", str, "auto", "Cut the added index into this many shards, each the codes of a "
+               "contiguous range of train-DB rows with the one trained quantizer and codebooks (index/.../shards.json "
+               "lists them), for an index too large for one node's memory. query-neighbors searches every shard "
+               "(on Ray: one searcher actor per shard, placed by its memory) and merges their top-k, which equals "
+               "the whole index's search. auto: one index (Megatron's file) where the codes and ids fit "
+               "--index-memory (per node), else as many shards as make each fit. 1: always one index; past "
+               "--index-memory an IVF index then keeps its lists on disk.", normalize=auto_or_count("--index-shards")),
         Option("keep_embeddings", bool, False, "Also keep float16 embeddings of every train chunk (embed/train/), so "
                "that a later --index-str change (with --force) re-adds them without embedding again. The index "
                "is then built from those float16 values, whether a block was just embedded or read back."),
@@ -82,6 +95,27 @@ class IndexAddStage(EmbeddingStage):
     @property
     def index_str(self) -> str:
         return self.reader().index_info()["index_str"]
+
+    def n_shards(self, n_blocks: int | None = None) -> int:
+        """The shards of the added index: --index-shards, or with auto, 1 where the codes and ids of every
+        train chunk fit --index-memory, else the fewest that each fit it."""
+        if self.cfg.index_shards != "auto":
+            return int(self.cfg.index_shards)
+        if "_n_shards" not in self.__dict__:
+            need, budget = self.index_bytes(), faiss_index.memory_budget(self.cfg.index_memory)
+            n = -(-need // budget)
+            blocks = len(self.plan()) if n_blocks is None else n_blocks
+            if n > blocks:
+                raise RetroError(f"--index-memory {self.cfg.index_memory}: the index needs {need} bytes, {n} shards "
+                                 f"of at most {budget} bytes, more than its {blocks} blocks; raise --index-memory "
+                                 f"or lower --block-size")
+            self._n_shards = max(1, n)
+        return self._n_shards
+
+    def index_bytes(self) -> int:
+        """Bytes the added index's codes and ids take in memory."""
+        index = faiss_index.read_index(self.workdir.empty_index_path(self.index_str), "trained index")
+        return self.reader().db_num_chunks("train") * (index.sa_code_size() + 8)
 
     @property
     def k(self) -> int:
@@ -115,6 +149,10 @@ class IndexAddStage(EmbeddingStage):
             write_json(kept / "_source.json", self.kept_source())
         self.reader().index_info()
         faiss_index.read_index(self.workdir.empty_index_path(self.index_str), "trained index")
+        n = self.n_shards()   # before any block is embedded: an --index-memory too small for the blocks fails now
+        if n > 1 and self.cfg.index_shards == "auto":
+            log.info("index-add: the codes and ids take %d bytes, more than --index-memory %s: %d shards",
+                     self.index_bytes(), self.cfg.index_memory, n)
 
     def plan(self) -> list[Block]:
         n = self.reader().db_num_chunks("train")
@@ -134,12 +172,13 @@ class IndexAddStage(EmbeddingStage):
                 self.workdir.search_params_path(s)]
 
     def final_outputs(self) -> list[Path]:
-        s = self.index_str
-        if self.cfg.index_shards == 1:
-            return [self.workdir.added_index_path(s), self.workdir.search_params_path(s)]
         from retro_pipeline.io import read_json
 
-        listed = read_json(self.workdir.shards_path(s)) or {}   # a shard gone since is merged again
+        s = self.index_str
+        listed = read_json(self.workdir.shards_path(s))   # what the finished merge wrote, else what it will write
+        if listed is None and (self.workdir.added_index_path(s).exists() or self.n_shards() == 1):
+            return [self.workdir.added_index_path(s), self.workdir.search_params_path(s)]
+        listed = listed or {}   # a shard gone since is merged again
         return [self.workdir.shards_path(s), *(self.workdir.shards_dir(s) / sh["file"] for sh in
                                                listed.get("shards", ())), self.workdir.search_params_path(s)]
 
@@ -221,10 +260,10 @@ class IndexAddStage(EmbeddingStage):
     # ---- --index-shards: each shard merged as its own one-off job
     def shard_groups(self, blocks: list[Block]) -> list[tuple[int, int]]:
         """The blocks of each shard, as (first, end) block indexes: contiguous rows, about equal in size."""
-        return faiss_index.shard_bounds([(b.start, b.end) for b in blocks], self.cfg.index_shards)
+        return faiss_index.shard_bounds([(b.start, b.end) for b in blocks], self.n_shards(len(blocks)))
 
     def finalize_jobs(self, blocks: list[Block], results: dict[str, dict]) -> list[tuple[str, Any, tuple]]:
-        if self.cfg.index_shards == 1:
+        if self.n_shards(len(blocks)) == 1:
             return []
         s, groups = self.index_str, self.shard_groups(blocks)
         jobs = []
@@ -277,12 +316,13 @@ class IndexAddStage(EmbeddingStage):
 
         n_total = sum(b.size for b in blocks)
         need = n_total * (index.sa_code_size() + 8)
-        on_disk = self.cfg.index_shards == 1 and need > faiss_index.memory_budget(self.cfg.index_memory)
+        n_shards = self.n_shards(len(blocks))
+        on_disk = n_shards == 1 and need > faiss_index.memory_budget(self.cfg.index_memory)
         if on_disk and (faiss_index.ivf_of(index) is None or faiss_index.is_fast_scan(index)):
             log.warning("index-add: the index needs %d bytes, more than --index-memory, but only IVF indexes "
                         "without fast-scan codes can keep their lists on disk; building it in memory", need)
             on_disk = False
-        if self.cfg.index_shards > 1:   # the shards are merged already (finalize_jobs): their ground truth
+        if n_shards > 1:   # the shards are merged already (finalize_jobs): their ground truth
             for b in blocks:
                 add_truth(b)
             index = self._sharded(blocks)
@@ -302,7 +342,7 @@ class IndexAddStage(EmbeddingStage):
                  if v != "auto"}
         params, chosen, table = faiss_index.tune(index, queries, truth, self.cfg.num_neighbors_save,
                                                  self.cfg.target_recall, given, log)
-        if self.cfg.index_shards == 1:
+        if n_shards == 1:
             import shutil
 
             faiss_index.write_index(index, self.workdir.added_index_path(self.index_str))
@@ -315,7 +355,7 @@ class IndexAddStage(EmbeddingStage):
             "n_queries": int(len(queries)), "table": table})
         counts = [r["counts"] for r in results.values()]
         return {"index_str": self.index_str, "n_chunks_added": int(index.ntotal), "lists_on_disk": on_disk,
-                "index_shards": self.cfg.index_shards,
+                "index_shards": n_shards,
                 "n_chunks_embedded": sum(c["embedded"] for c in counts),
                 "n_chunks_reused": sum(c["reused"] for c in counts),
                 "n_chunks_from_kept": sum(c.get("kept", 0) for c in counts), **params,

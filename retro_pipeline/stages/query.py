@@ -186,7 +186,8 @@ class QueryNeighborsStage(EmbeddingStage):
 
     def services(self) -> list[Service]:
         """With a sharded index (--index-shards): one searcher per shard, each holding its shard in memory on a
-        node that has room for it, so that no worker loads the whole index."""
+        node that has room for it, so that no worker loads the whole index. Where the cluster cannot hold them
+        all (one node, shards cut to fit --index-memory each), the workers search the shards memory-mapped."""
         from retro_pipeline.read import WorkdirReader
 
         reader = WorkdirReader(self.workdir)
@@ -199,7 +200,8 @@ class QueryNeighborsStage(EmbeddingStage):
         for i, sh in enumerate(listed["shards"]):
             path = self.workdir.shards_dir(index_str) / sh["file"]
             out.append(Service(f"shard {i + 1} of {listed['n_shards']}", faiss_index.ShardSearcher,
-                               (str(path), params, sh["first_row"]), memory=int(path.stat().st_size * 1.25) + (64 << 20)))
+                               (str(path), params, sh["first_row"]), memory=int(path.stat().st_size * 1.25) + (64 << 20),
+                               optional=True))   # else each worker searches every shard memory-mapped
         return out
 
     def texts(self, block: Block, state) -> list[str]:
