@@ -57,6 +57,12 @@ class Workdir:
         return self.db_dir / "merged" / f"{name}.hdf5"
 
     @property
+    def train_documents_path(self) -> Path:
+        """query-neighbors' int64 [n_chunks_train] .npy: the global document number of each train-DB row (read
+        memory-mapped by its workers to drop neighbors from a sample's own documents)."""
+        return self.root / "query" / "train_documents.npy"
+
+    @property
     def infos_path(self) -> Path:
         return self.db_dir / "indexed_dataset_infos.json"
 

@@ -82,6 +82,14 @@ def test_neighbors_equal_a_numpy_brute_force_with_the_own_sample_filter(tmp_path
                 np.testing.assert_allclose(d2[c][got[got >= 0]], d2[c][ref], rtol=1e-4, atol=1e-4)
                 compared += 1
         assert compared == len(saved) > 0, (split, compared)
+    # the workers' memory-mapped document of each train-DB row, streamed in slices: equal to the DB's columns
+    from retro_pipeline.stages.query import QueryNeighborsStage
+
+    docs_path = Workdir(wd).train_documents_path
+    assert np.array_equal(np.load(docs_path), db[:, 1].astype(np.int64)) and (db[:, 0] == 0).all()
+    docs_path.unlink()
+    QueryNeighborsStage(Workdir(wd), cfg).write_train_documents(rows_per_read=7)
+    assert np.array_equal(np.load(docs_path), db[:, 1].astype(np.int64))
 
 
 def test_sample_count_errors_come_before_any_stage_runs(tmp_path, gpt_tokenizer_path, tiny_bert_dir, corpus_texts):

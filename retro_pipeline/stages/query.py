@@ -134,11 +134,40 @@ class QueryNeighborsStage(EmbeddingStage):
                 log.warning("%s: the %s split holds none of its documents by --split %s, and Megatron's training "
                             "cannot build an empty split (megatron-core 0.13.1's GPTDataset loops forever); change "
                             "--split so that the split has documents or zero width", empty[0], s, self.cfg.split)
+        self.write_train_documents()
         log.info("query-neighbors: %s", self.counts_text())
         dirs = {s: (self.neighbor_dir(s).name if self.samples(s).exists else None) for s in SPLITS}
         self.workdir.store_extra(megatron_config(self.workdir, self.cfg, {
             "train_samples": self.samples("train").n_samples, "eval_iters": eval_iters(self.cfg),
             "block_size": self.block_rows(), "neighbor_dirs": dirs}))
+
+    def write_train_documents(self, rows_per_read: int = 1 << 20) -> None:
+        """``train_documents.npy`` (:attr:`Workdir.train_documents_path`), streamed from the train DB a slice at
+        a time and written atomically, unless a whole one is there."""
+        import h5py
+
+        from retro_pipeline.arrays import offsets
+        from retro_pipeline.read import WorkdirReader
+
+        path = self.workdir.train_documents_path
+        reader = WorkdirReader(self.workdir)
+        n = reader.db_num_chunks("train")
+        if path.exists():
+            try:
+                if np.load(path, mmap_mode="r").shape == (n,):
+                    return
+            except ValueError:   # not a whole .npy (written atomically, so only a foreign file)
+                pass
+        base = offsets([d["n_docs"] for d in reader.db_infos()])
+        with atomic_path(path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(n,))
+            with h5py.File(self.workdir.merged_db_path("train"), "r") as f:
+                chunks = f["chunks"]
+                for s in range(0, n, rows_per_read):
+                    ds_doc = chunks[s:min(s + rows_per_read, n), :2].astype(np.int64)
+                    out[s:s + len(ds_doc)] = base[ds_doc[:, 0]] + ds_doc[:, 1]
+            out.flush()
+            del out
 
     def plan(self) -> list[Block]:
         blocks = []
@@ -174,13 +203,11 @@ class QueryNeighborsStage(EmbeddingStage):
         if state["index"].d != state["encoder"].dim:
             raise RetroError(f"the index takes {state['index'].d}-dimensional vectors but the embedder gives "
                              f"{state['encoder'].dim}; rebuild the index with 'retro-pipeline index-build --force'")
-        with h5py.File(self.workdir.merged_db_path("train"), "r") as f:
-            ds_doc = f["chunks"][:, :2].astype(np.int64)
         from retro_pipeline.arrays import offsets
 
-        base = offsets([len(d) for d in state["reader"].datasets])  # global document number of (ds, 0)
-        state["doc_base"] = base
-        state["neighbor_doc"] = base[ds_doc[:, 0]] + ds_doc[:, 1]  # global document of each train-DB row
+        state["doc_base"] = offsets([len(d) for d in state["reader"].datasets])  # global document of (ds, 0)
+        # the global document of each train-DB row, memory-mapped: a worker's memory does not grow with the DB
+        state["neighbor_doc"] = np.load(self.workdir.train_documents_path, mmap_mode="r")
         faiss_index.faiss().omp_set_num_threads(max(1, int(resources.get("num_cpus") or 1)))
         return state
 
