@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "preprocess": ("retro_pipeline.cli_tools", "preprocess"),
     "inspect": ("retro_pipeline.cli_inspect", "inspect_cmd"),
     "verify": ("retro_pipeline.cli_verify", "verify"),
+    "serve": ("retro_pipeline.cli_serve", "serve"),
 }
 
 
@@ -249,22 +250,31 @@ def _counts(d: dict) -> str:
 @click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="The build directory to report on.")
 def status(workdir):
     """Per stage: done, partial (blocks done of total), not started, or stale (made from changed inputs)."""
+    for name, state, detail in status_rows(workdir):
+        click.echo(f"{name:15s} {state:10s} {detail}".rstrip())
+
+
+def status_rows(workdir) -> list[tuple[str, str, str]]:
+    """(stage, state, what it says) per stage, in pipeline order: the lines of ``retro-pipeline status`` (and of
+    the status page of ``retro-pipeline serve``)."""
     from retro_pipeline.pipeline import status as get_status
 
+    out = []
     for name, st in get_status(workdir).items():
         if st.get("stale"):
-            click.echo(f"{name:15s} stale      made from what changed since: {st['stale']} (rebuild it with --force)")
+            out.append((name, "stale", f"made from what changed since: {st['stale']} (rebuild it with --force)"))
         elif st["state"] == "done":
-            click.echo(f"{name:15s} done       {st.get('blocks', 0)} blocks, {st.get('seconds', 0):.1f} s {_counts(st)}")
+            out.append((name, "done", f"{st.get('blocks', 0)} blocks, {st.get('seconds', 0):.1f} s {_counts(st)}"))
         elif st["state"] == "partial":
             more = ""
             if st.get("missing"):
                 more = f"; {len(st['missing'])} recorded file(s) gone, e.g. {st['missing'][0]} (a rerun makes them)"
             elif st["blocks_done"] >= st["blocks_total"]:
                 more = "; its final step (finalize) did not finish"
-            click.echo(f"{name:15s} partial    {st['blocks_done']} of {st['blocks_total']} blocks{more}")
+            out.append((name, "partial", f"{st['blocks_done']} of {st['blocks_total']} blocks{more}"))
         else:
-            click.echo(f"{name:15s} not started")
+            out.append((name, "not started", ""))
+    return out
 
 
 def _show_examples(workdir: str, n: int = 3) -> None:
