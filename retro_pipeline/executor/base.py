@@ -5,15 +5,23 @@ size of each of the block's files), retries of lost workers, progress bars and t
 its marker exists and its files have the sizes the marker records; anything else is recomputed, so a run
 killed at any moment and started again gives the same outputs. A stage's finalize is a one-off job that
 the executor runs where the stage's resources are (a Ray task on a cluster).
+
+Timing goes to the workdir's timeline (``W/logs/timeline.jsonl``, :class:`Timeline`): one JSON line per
+finished block (its worker's host, process and GPU, when it started and ended, rows and bytes), per stage
+run (start; end with its wall time, one-off job time, retries and lost workers) and per lost worker, each
+tagged with the id of the command run that wrote it. Only the driver appends to it, as it alone writes
+markers; ``retro-pipeline report`` draws it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,10 +38,92 @@ OnResult = Callable[[Block, dict], None]
 INFRA_RETRIES = 10
 
 
+# ---------------------------------------------------------------------- the timeline
+
+
+def timeline_path(root: str | os.PathLike) -> Path:
+    """The timeline of the workdir ``root``: beside the command logs, so it is kept where they are."""
+    return Path(root) / "logs" / "timeline.jsonl"
+
+
+def new_run_id() -> str:
+    """An id for one command run: when it started, its process, and random bits (two runs never share one)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Timeline:
+    """The workdir's append-only timeline, as one command run (``run``) writes it: one JSON object a line.
+
+    Appends are single writes to a file opened for appending, by the driver alone; a line that a kill cut
+    short is skipped by :func:`read_timeline`, and the next run starts its lines on a line of their own. A
+    timeline that cannot be written is a debug record, never a failed build: it is a record of the build,
+    not an output of it."""
+
+    def __init__(self, root: str | os.PathLike, run: str | None = None):
+        self.path = timeline_path(root)
+        self.run = run or new_run_id()
+        self._started = False
+        self._failed = False
+
+    def append(self, event: str, **fields: Any) -> None:
+        rec = {"event": event, "run": self.run, "time": round(time.time(), 3), **fields}
+        line = (json.dumps(rec, sort_keys=True, default=str) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a+b") as f:
+                if not self._started:  # a line cut short by a kill ends there, not inside our first line
+                    self._started = True
+                    if f.seek(0, os.SEEK_END) > 0:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            line = b"\n" + line
+                f.write(line)
+        except OSError as e:
+            if not self._failed:
+                self._failed = True
+                log.debug("cannot append to the timeline %s: %s", self.path, e)
+
+
+def read_timeline(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every whole record of a timeline file, in the order written ([] where there is none); lines that are
+    not a JSON object (one cut short by a kill) are skipped."""
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and "event" in rec:
+                    out.append(rec)
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _gpu() -> str | None:
+    """The GPU this process computes on (its id as the node numbers it), or None where it has used none."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_initialized():
+            return None
+        i = torch.cuda.current_device()
+    except Exception:  # noqa: BLE001 - a record, never a failure
+        return None
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[i] if i < len(visible) else str(i)
+
+
+# ---------------------------------------------------------------------- blocks
+
+
 def run_group(stage: Stage, blocks: list[Block], state: Any, todo: list[str] | None = None) -> list[dict[str, Any]]:
     """Process a group of blocks (one, for most stages), making the blocks named ``todo`` (None = all), and
-    describe each one's output for its completion marker; the group's time is shared by block sizes."""
+    describe each one's output for its completion marker; the group's time is shared by block sizes, and so
+    is its wall-clock span (``start``, ``end``: consecutive slices of it, for the timeline)."""
     t0 = time.perf_counter()
+    wall0 = time.time()
     slowpoint(f"{stage.name}:block")
     made = blocks if todo is None else [b for b in blocks if b.name in set(todo)]
     counts = stage.process_group(blocks, state, None if todo is None else made)
@@ -45,10 +135,14 @@ def run_group(stage: Stage, blocks: list[Block], state: Any, todo: list[str] | N
     run = stage.run_record(state)
     group = [blocks[0].name, blocks[-1].name] if len(blocks) > 1 else None
     out = []
+    at, gpu = 0, _gpu()
     for b, c in zip(made, counts):
         sizes = {p: os.path.getsize(p) for p in b.paths}
+        start, at = wall0 + seconds * at / rows, at + b.size
         m = {"block": b.name, "paths": list(b.paths), "bytes": sizes, "counts": c or {}, "run": run,
-             "seconds": round(seconds * b.size / rows, 3), "host": os.uname().nodename}
+             "seconds": round(seconds * b.size / rows, 3), "host": os.uname().nodename,
+             "worker": {"pid": os.getpid(), "gpu": gpu, "start": round(start, 3),
+                        "end": round(wall0 + seconds * at / rows, 3)}}
         if group:
             m["group"] = group  # embedded together with these blocks (first, last)
         out.append(m)
@@ -137,10 +231,11 @@ def finalize(stage: Stage, blocks: list[Block], results: dict[str, dict]) -> dic
     return out
 
 
-def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
+def run_stage(stage: Stage, executor, progress: bool = True, timeline: Timeline | None = None) -> dict[str, Any]:
     """Run ``stage`` to completion with ``executor``; returns the done marker's content (with ``already_done``
     where there was nothing to do). A stage whose done marker stands but some of whose recorded files are
-    gone is run again: exactly the missing blocks, then its finalize."""
+    gone is run again: exactly the missing blocks, then its finalize. ``timeline``: where this command run
+    records its timing (default: a run of its own in the workdir's timeline)."""
     wd = stage.workdir
     markers_dir = wd.markers_dir(stage.name)
     done_path = wd.done_marker(stage.name)
@@ -158,14 +253,31 @@ def run_stage(stage: Stage, executor, progress: bool = True) -> dict[str, Any]:
     time_path = markers_dir / "_time.json"
     before = float((read_json(time_path) or {}).get("seconds", 0.0))
     t0 = time.perf_counter()
+    tl = timeline or Timeline(wd.root)
+    acct: dict[str, Any] = {"once": 0.0, "started": False, "stats": dict(getattr(executor, "stats", {}) or {})}
+    previous = getattr(executor, "on_event", None)
+    executor.on_event = lambda event, **f: tl.append(event, stage=stage.name, **f)
+    ended = "stopped"
     try:
-        return _run_stage(stage, executor, progress, before, t0)
+        out = _run_stage(stage, executor, progress, before, t0, tl, acct)
+        ended = "done"
+        return out
+    except BaseException as e:
+        ended = f"stopped: {type(e).__name__}"
+        raise
     finally:
+        executor.on_event = previous
         if markers_dir.exists() and not done_path.exists():  # the time an interrupted run spent, for the total
             write_json(time_path, {"seconds": round(before + time.perf_counter() - t0, 3)})
+        if acct["started"]:
+            stats = getattr(executor, "stats", {}) or {}
+            tl.append("stage_end", stage=stage.name, state=ended, wall=round(time.perf_counter() - t0, 3),
+                      once=round(acct["once"], 3), executor=getattr(executor, "name", type(executor).__name__),
+                      **{k: int(stats.get(k, 0)) - int(acct["stats"].get(k, 0)) for k in ("retries", "lost")})
 
 
-def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float) -> dict[str, Any]:
+def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float, tl: Timeline,
+               acct: dict[str, Any]) -> dict[str, Any]:
     wd = stage.workdir
     markers_dir = wd.markers_dir(stage.name)
     stage.check()
@@ -186,6 +298,9 @@ def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float)
             results[b.name] = m
     if results:
         log.info("[%s] resuming: %d of %d blocks already done", stage.name, len(results), len(blocks))
+    tl.append("stage_start", stage=stage.name, blocks=len(blocks), blocks_done=len(results),
+              rows=sum(b.size for b in blocks), unit=stage.unit)
+    acct["started"] = True
     groups = stage.groups(blocks)
     if [b.name for g in groups for b in g] != names:
         raise RuntimeError(f"stage {stage.name}: its groups do not cover its planned blocks in order")
@@ -204,6 +319,10 @@ def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float)
     def on_result(block: Block, result: dict) -> None:
         write_json(wd.block_marker(stage.name, block.name), result)
         results[block.name] = result
+        w = result.get("worker") or {}
+        tl.append("block", stage=stage.name, block=block.name, rows=block.size,
+                  bytes=sum((result.get("bytes") or {}).values()), host=result.get("host"), pid=w.get("pid"),
+                  gpu=w.get("gpu"), start=w.get("start"), end=w.get("end"), group=result.get("group"))
         if bar is not None:
             bar.update(block.size)
             bar.set_postfix_str(f"blocks {len(results)}/{len(blocks)}", refresh=False)
@@ -217,10 +336,14 @@ def _run_stage(stage: Stage, executor, progress: bool, before: float, t0: float)
     note = stage.finalize_note()
     if note:
         log.info("[%s] %s", stage.name, note)
-    jobs = stage.finalize_jobs(blocks, results)
-    if jobs:
-        executor.run_once_many(stage, jobs)
-    summary = executor.run_once(stage, "finalize", finalize, stage, blocks, results)
+    t_once = time.perf_counter()
+    try:
+        jobs = stage.finalize_jobs(blocks, results)
+        if jobs:
+            executor.run_once_many(stage, jobs)
+        summary = executor.run_once(stage, "finalize", finalize, stage, blocks, results)
+    finally:
+        acct["once"] = time.perf_counter() - t_once
     outputs = {str(p): (-1 if p.is_dir() else p.stat().st_size) for p in stage.final_outputs() if p.exists()}
     this_run = time.perf_counter() - t0
     done = {"stage": stage.name, "blocks": len(blocks), "blocks_run": len(todo),

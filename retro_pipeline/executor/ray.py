@@ -217,10 +217,17 @@ class RayExecutor:
         self.node_wait_s = float(os.environ.get("RETRO_PIPELINE_NODE_WAIT_S", 120)) if node_wait_s is None \
             else node_wait_s
         self.stats: dict[str, int] = defaultdict(int)  # blocks run, retries, lost workers
+        self.on_event = None  # (event, **fields) of a lost worker or a retry: run_stage records them
 
     def connect(self) -> None:
         """Join (or start) Ray now: a cluster that does not answer is an error before a stage begins."""
         ensure_ray(self.address)
+
+    def _event(self, event: str, **fields) -> None:
+        """A lost worker or a retry, for the workdir's timeline (``on_event``, set by ``run_stage``)."""
+        on_event = getattr(self, "on_event", None)
+        if on_event is not None:
+            on_event(event, **fields)
 
     def pool_shape(self, stage: Stage, n_blocks: int) -> tuple[int, float, float, int | None, list[str] | None]:
         """(workers, CPUs, GPUs and memory per worker, node of each worker or None) for the cluster as it is now."""
@@ -373,6 +380,8 @@ class RayExecutor:
                 except RayError as e:  # a lost worker or node, or cancelled for a new shape: run it again
                     lost += 1
                     self.stats["lost"] += 1
+                    self.stats["retries"] += 1
+                    self._event("worker_lost", what=what, error=type(e).__name__)
                     if lost > INFRA_RETRIES * len(jobs):
                         raise StageFailed(f"[{stage.name}] {what}: its workers kept being lost ({type(e).__name__}); "
                                           f"{CHECK_CLUSTER}") from None
@@ -486,6 +495,8 @@ class RayExecutor:
                             w.ready = True
                         except RayError as e:  # the actor could not start (its node went, or it crashed)
                             lost_actors += 1
+                            self.stats["lost"] += 1
+                            self._event("worker_lost", what="start", error=type(e).__name__)
                             log.debug("[%s] a worker did not start: %s", stage.name, e)
                             drop(w)
                         continue
@@ -502,6 +513,7 @@ class RayExecutor:
                     except RayError as e:  # a lost worker, actor or node: the block goes to a live worker
                         infra_failures[block.name] += 1
                         self.stats["retries"] += 1
+                        self._event("worker_lost" if w in workers else "retry", what=what, error=type(e).__name__)
                         if w in workers:
                             self.stats["lost"] += 1
                             lost_actors += 1
