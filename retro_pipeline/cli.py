@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "preprocess": ("retro_pipeline.cli_tools", "preprocess"),
     "inspect": ("retro_pipeline.cli_inspect", "inspect_cmd"),
     "verify": ("retro_pipeline.cli_verify", "verify"),
+    "report": ("retro_pipeline.cli_report", "report"),
     "serve": ("retro_pipeline.cli_serve", "serve"),
 }
 
@@ -223,7 +224,7 @@ def _run(stages, kw, demo_ok=False):
         for k, v in DEMO_TRAINING.items():  # Megatron's sample counts sized for a corpus this small
             if k not in stored:
                 given.setdefault(k, v)
-    out = run_stages(workdir, stages, given, run, force=force, redo=redo)
+    out = run_stages(workdir, stages, given, run, force=force, redo=redo, report=demo_ok)  # build: W/report.html
     for name, done in out.items():
         if done.get("already_done"):
             click.echo(f"{name}: already done (took {done.get('seconds', 0):.1f} s) " + _counts(done))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +136,8 @@ def _why_stale(cfg: Config, conflicts, changed_fp, read_changed: dict[str, str],
 
 
 def run_stages(workdir, stages: list[str], given: dict[str, Any] | None = None,
-               run: RunOptions | None = None, force: bool = False, redo: bool = False) -> dict[str, dict]:
+               run: RunOptions | None = None, force: bool = False, redo: bool = False,
+               report: bool = False) -> dict[str, dict]:
     """Run ``stages`` (in pipeline order) for ``workdir`` with options ``given`` (any declared option).
 
     A stage stores its output-changing options and a record of the input files it reads in ``config.json``
@@ -145,12 +147,16 @@ def run_stages(workdir, stages: list[str], given: dict[str, Any] | None = None,
     ``stages`` (and the built stages downstream of them) although nothing changed. Every check runs before
     anything is deleted. A first run that fails before any stage made something leaves no workdir behind (only
     its log, where stage code failed: the error line points at its traceback).
+
+    Each stage's timing goes to the workdir's timeline (``logs/timeline.jsonl``) under one run id for this
+    call. ``report``: when every stage is done, end by writing ``W/report.html`` (``retro-pipeline report``);
+    a report that cannot be written is a warning, never a failed build.
     """
     wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
     created = not wd.root.exists() or {p.name for p in wd.root.iterdir()} <= {"logs", ".lock"}  # ours alone
     try:
-        return _run_stages(wd, stages, {k: v for k, v in (given or {}).items() if v is not None},
-                           run or RunOptions(), force, redo)
+        out = _run_stages(wd, stages, {k: v for k, v in (given or {}).items() if v is not None},
+                          run or RunOptions(), force, redo, report)
     except BaseException as e:
         if created and not any(wd.has_outputs(s) for s in stage_order()):  # a failed first run leaves nothing
             from retro_pipeline.errors import UserError
@@ -164,9 +170,12 @@ def run_stages(workdir, stages: list[str], given: dict[str, Any] | None = None,
                     if p.name != "logs":
                         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         raise
+    return out
 
 
-def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool, redo: bool) -> dict[str, dict]:
+def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool, redo: bool,
+                report: bool = False) -> dict[str, dict]:
+    from retro_pipeline.executor.base import Timeline
     from retro_pipeline.logs import attach_workdir_log
 
     unknown = [s for s in stages if s not in stage_order()]
@@ -174,8 +183,6 @@ def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool, redo: 
         raise RetroError(f"unknown stage {unknown[0]!r}; choose from {', '.join(stage_order())}")
     with wd.lock():
         attach_workdir_log(wd.root)
-        import sys
-
         log.debug("%s", " ".join(sys.argv) if sys.argv and sys.argv[0] else f"run_stages {stages} {given}")
         opened = open_workdir(wd, given, force, redo=stages if redo else ())
         cfg = opened.cfg
@@ -214,9 +221,30 @@ def _run_stages(wd: Workdir, stages, given, run: RunOptions, force: bool, redo: 
         bound = (opened.locked - set(opened.rebuild)) | running
         _store(wd, cfg, opened.fingerprints, every, bound, refresh=set(opened.rebuild))
         out = {}
+        timeline = Timeline(wd.root)
+        timeline.append("run_start", stages=[st.name for st in objs], executor=run.executor,
+                        command=" ".join(sys.argv) if sys.argv and sys.argv[0] else "run_stages")
         for st in objs:
-            out[st.name] = _run_one(wd, st, executor, run, cfg, opened, every, bound)
+            out[st.name] = _run_one(wd, st, executor, run, cfg, opened, every, bound, timeline)
+        if report and all(wd.stage_status(s)["state"] == "done" for s in stage_order()):
+            write_build_report(wd)
         return out
+
+
+def write_build_report(wd: Workdir):
+    """``W/report.html`` at the end of a build; returns its path, or None (with a warning) where it could not
+    be written: the build it reports on is finished all the same."""
+    try:
+        from retro_pipeline.report import write_report
+
+        path = write_report(wd)
+    except Exception as e:  # noqa: BLE001 - a report never fails a finished build
+        log.debug("the build report failed", exc_info=True)
+        log.warning("could not write the build report (%s: %s); 'retro-pipeline report --workdir %s' tries again",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "", wd.root)
+        return None
+    log.info("report: %s", path)
+    return path
 
 
 def _store(wd: Workdir, cfg: Config, fps: dict[str, str], every: dict[str, Stage], bound: set[str],
@@ -239,14 +267,14 @@ def _store(wd: Workdir, cfg: Config, fps: dict[str, str], every: dict[str, Stage
 
 
 def _run_one(wd: Workdir, st: Stage, executor, run: RunOptions, cfg: Config, opened: Opened,
-             every: dict[str, Stage], bound: set[str]) -> dict:
+             every: dict[str, Stage], bound: set[str], timeline=None) -> dict:
     """Run one stage; where it fails before it made anything, keep nothing of this run: its files, and its
     options and input records where no built stage holds them."""
     from retro_pipeline.executor.base import run_stage
 
     had = wd.has_outputs(st.name)
     try:
-        return run_stage(st, executor, progress=run.progress)
+        return run_stage(st, executor, progress=run.progress, timeline=timeline)
     except BaseException:
         if not had and not wd.has_outputs(st.name):
             try:

@@ -187,11 +187,13 @@ def build_cli_args(wd, prefix, gpt, bert, workers) -> list[str]:
 
 
 def outputs(wd) -> dict[str, bytes]:
-    """Every output file: DBs, embeddings, index files, neighbors (markers, logs and timings aside)."""
+    """Every output file: DBs, embeddings, index files, neighbors (markers, logs, timings and the build report
+    aside)."""
     out = {}
     for p in sorted(wd.rglob("*")):
         rel = str(p.relative_to(wd))
-        if not p.is_file() or rel.startswith(("markers", "logs")) or p.name in ("config.json", "search.json"):
+        if not p.is_file() or rel.startswith(("markers", "logs")) or rel == "report.html" or \
+                p.name in ("config.json", "search.json"):
             continue
         out[rel] = p.read_bytes()
     search = sorted(wd.rglob("search.json"))
