@@ -7,6 +7,8 @@ JSON object) saying what exists; a bad query is a 400. Templates are Jinja2 with
 
 from __future__ import annotations
 
+import threading
+
 from flask import Flask, jsonify, render_template, request, url_for
 
 from retro_pipeline.errors import RetroError
@@ -86,10 +88,16 @@ def create_app(workdir, allow_changed: bool = False, load: bool = True, warn=Non
         return render_template("status.html", rows=browser.status(), search=browser.search_info,
                                index=browser.index_info)
 
-    if report is not None:
+    if report is not None:   # rendered once, on the first visit (it reads and plots the whole build)
+        rendered: list[str] = []
+        report_lock = threading.Lock()
+
         @app.get("/report")
         def report_page():
-            return report(browser.workdir.root)
+            with report_lock:
+                if not rendered:
+                    rendered.append(report(browser.workdir.root))
+            return rendered[0]
 
     @app.errorhandler(NotFound)
     def not_found(e):
