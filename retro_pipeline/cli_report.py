@@ -9,8 +9,8 @@ import click
 @click.option("--workdir", "-w", required=True, type=click.Path(file_okay=False), help="The build directory to report on.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Where to write the page.  [default: WORKDIR/report.html]")
-@click.option("--similarity-sample", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Pretraining chunks embedded, with their saved neighbors, for the neighbor-similarity "
+@click.option("--similarity-sample", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Pretraining chunks embedded, with their first 5 saved neighbors, for the neighbor-similarity "
                    "distribution (0: none, and no encoder is loaded).")
 def report(workdir, output, similarity_sample):
     """Write an HTML report of a build and print its path: per-stage wall time and throughput, a timeline of

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "report.html"
 ROW_SAMPLE = 20_000        # chunk-DB rows read for the length histograms (in windows spread over the DB)
 NEIGHBOR_ROWS = 20_000     # neighbor rows read for the missing-per-rank shares
-SIMILARITY_SAMPLE = 32     # pretraining chunks embedded with their neighbors (0: no encoder loaded)
+SIMILARITY_SAMPLE = 16     # pretraining chunks embedded with their neighbors (0: no encoder loaded)
+SIMILARITY_RANKS = 5       # of each, the neighbors embedded (the first ranks)
 EXAMPLES = 3               # chunks shown with their neighbors' texts
 MAX_WORKER_ROWS = 64       # rows of the worker timeline (the busiest workers)
 MAX_BARS = 4000            # bars of the worker timeline before neighbouring bars of a worker are merged
@@ -681,7 +682,7 @@ class _Report:
             self.data["similarity"] = {"skipped": why}
             return f'<p class="notyet">Neighbor similarities: not computed ({why}).</p>'
         split, rows, nb, _ = ns
-        rows, nb = rows[:self.similarity_sample], nb[:self.similarity_sample]
+        rows, nb = rows[:self.similarity_sample], nb[:self.similarity_sample, :SIMILARITY_RANKS]
         enc = self.load_encoder()
         texts = self.query_texts(split, rows)
         ntext = self.neighbor_texts(nb)
@@ -690,7 +691,7 @@ class _Report:
         v = enc.encode([ntext[i] for i in ids]) if ids else np.zeros((0, q.shape[1]), np.float32)
         rng = np.random.default_rng(0)
         n_db = self.reader.db_num_chunks("train")
-        rand = np.unique(rng.integers(0, n_db, size=min(n_db, 2 * len(rows))))
+        rand = np.unique(rng.integers(0, n_db, size=min(n_db, len(rows))))
         rv = enc.encode(self.reader.chunk_texts(self.reader.db_rows("train", rand)))
 
         def unit(x):
@@ -709,8 +710,8 @@ class _Report:
         self.data["similarity"] = {"metric": "cosine", "split": split, "n_query_chunks": int(len(rows)),
                                    "n_pairs": int(len(ok)), "all_ranks": _stats(ok), "rank1": _stats(sims[:, 0][~np.isnan(sims[:, 0])]),
                                    "random_pairs": _stats(base)}
-        out = (f'<p>Cosine similarity of {len(rows)} {split} chunks (spread over the split) to their saved neighbors, '
-               f'both embedded now with the build\'s encoder; random pairs of train-DB chunks for comparison. '
+        out = (f'<p>Cosine similarity of {len(rows)} {split} chunks (spread over the split) to their first '
+               f'{nb.shape[1]} saved neighbors, both embedded now with the build\'s encoder; random pairs of train-DB chunks for comparison. '
                f'(Embedding the sample rather than reconstructing vectors from the index: the query chunks are in no '
                f'index, and reconstruction would need the whole index in memory and give compressed vectors.)</p>')
         out += self.plot("similarity", self.plot_similarity, sims, base, size=(8, 3.2))
@@ -749,7 +750,8 @@ class _Report:
             items = []
             for m, c in enumerate(nb[i][:3]):
                 c = int(c)
-                sim = sims[i, m] if sims is not None and i < len(sims) and not np.isnan(sims[i, m]) else None
+                sim = sims[i, m] if sims is not None and i < len(sims) and m < sims.shape[1] and \
+                    not np.isnan(sims[i, m]) else None
                 items.append(f'<li>#{c} ' + (f'<span class="sim">cos {sim:.3f}</span> ' if sim is not None else "")
                              + f'<span class="text">{html.escape(ntext[c])}</span></li>' if c >= 0 else
                              '<li>(none)</li>')
