@@ -59,11 +59,12 @@ def make_server(app, host: str, port: int, threads: int):
 def serve(workdir, host, port, threads, allow_changed):
     """A local web page over a built workdir: search the chunk database with free text, read a chunk with its
     continuation and document neighbours, a pretraining sample with each chunk beside its saved neighbors, and
-    the stage status.
+    the stage status and the build report.
 
     \b
     retro-pipeline serve --workdir W                 then open http://127.0.0.1:8000/
-    GET /?q=TEXT&k=10, /api/search?q=TEXT&k=10 (JSON), /chunk/ID, /api/chunk/ID, /sample/SPLIT/I, /status
+    GET /?q=TEXT&k=10, /api/search?q=TEXT&k=10 (JSON), /chunk/ID, /api/chunk/ID, /sample/SPLIT/I, /status,
+    /report
 
     Read-only. The query is embedded with the build's own encoder and searched with the index's tuned settings;
     the encoder and the index are loaded once, at start. Ctrl-C stops it.

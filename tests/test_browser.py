@@ -124,3 +124,22 @@ def test_a_bad_id_shows_the_error_page(served, page):
     assert r.status == 404 and "does not exist" in page.locator("#error-message").inner_text()
     body = json.loads(page.goto(served["url"] + "/api/chunk/99999999").text())
     assert "does not exist" in body["error"]
+
+
+def test_the_report_page_renders_its_plots(served, page):
+    from io import BytesIO
+
+    from PIL import Image
+
+    page.set_default_timeout(300_000)   # the first visit renders the report
+    page.goto(served["url"] + "/")
+    page.click("text=Report")
+    assert page.url.endswith("/report")
+    svgs = page.locator("svg")
+    assert svgs.count() > 0
+    for n in range(svgs.count()):
+        box = svgs.nth(n).bounding_box()
+        assert box is not None and box["width"] > 50 and box["height"] > 50, (n, box)
+    shot = Image.open(BytesIO(svgs.first.screenshot())).convert("RGB")
+    colours = len(shot.getcolors(maxcolors=1 << 24))
+    assert colours > 20, f"the first plot looks blank: {colours} colours"

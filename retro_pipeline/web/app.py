@@ -1,6 +1,6 @@
 """The Flask app of ``retro-pipeline serve``: server-rendered pages over a :class:`~.browse.Browser`.
 
-Read-only: every route is GET, ids are ``<int:...>`` and splits one of train/valid/test in the URL rules, so
+Read-only: every route is GET (``/report`` is :func:`retro_pipeline.report.render_report`, rendered once), ids are ``<int:...>`` and splits one of train/valid/test in the URL rules, so
 nothing a request carries becomes a path. An id the workdir does not hold is a 404 page (the JSON API: a 404
 JSON object) saying what exists; a bad query is a 400. Templates are Jinja2 with autoescaping (``.html``).
 """
@@ -27,11 +27,10 @@ def create_app(workdir, allow_changed: bool = False, load: bool = True, warn=Non
     app = Flask(__name__)
     app.config["browser"] = browser
     app.json.sort_keys = False
-    report = _report_function()
 
     @app.context_processor
     def common():
-        return {"b": browser, "root": str(browser.workdir.root), "has_report": report is not None,
+        return {"b": browser, "root": str(browser.workdir.root),
                 "splits": browser.sample_counts()}
 
     def k_arg(default: int = 10) -> int:
@@ -88,16 +87,17 @@ def create_app(workdir, allow_changed: bool = False, load: bool = True, warn=Non
         return render_template("status.html", rows=browser.status(), search=browser.search_info,
                                index=browser.index_info)
 
-    if report is not None:   # rendered once, on the first visit (it reads and plots the whole build)
-        rendered: list[str] = []
-        report_lock = threading.Lock()
+    rendered: list[str] = []   # the report, rendered once on its first visit (it reads and plots the whole build)
+    report_lock = threading.Lock()
 
-        @app.get("/report")
-        def report_page():
-            with report_lock:
-                if not rendered:
-                    rendered.append(report(browser.workdir.root))
-            return rendered[0]
+    @app.get("/report")
+    def report_page():
+        from retro_pipeline.report import render_report
+
+        with report_lock:
+            if not rendered:
+                rendered.append(render_report(browser.workdir.root))
+        return rendered[0]
 
     @app.errorhandler(NotFound)
     def not_found(e):
@@ -123,13 +123,3 @@ def create_app(workdir, allow_changed: bool = False, load: bool = True, warn=Non
 
     return app
 
-
-def _report_function():
-    """``retro_pipeline.report.render_report`` where this version has it, else None (no /report page)."""
-    try:
-        from retro_pipeline.report import render_report
-    except ModuleNotFoundError as e:
-        if e.name != "retro_pipeline.report":
-            raise
-        return None
-    return render_report
