@@ -242,8 +242,10 @@ def read_index(path, what: str = "index", mmap: bool = False):
     if not os.path.exists(path):
         raise RetroError(f"{path}: the {what} is missing; run index-train (or index-build) first")
     try:
-        flags = f.IO_FLAG_MMAP | f.IO_FLAG_READ_ONLY if mmap else 0
-        return f.read_index(str(path), flags)
+        index = f.read_index(str(path), f.IO_FLAG_MMAP | f.IO_FLAG_READ_ONLY if mmap else 0)
+        if mmap and lists_on_disk(index):   # lists in their own file already: that flag breaks their search
+            index = f.read_index(str(path), 0)   # (faiss 1.15 crashes); they are memory-mapped as they are
+        return index
     except RuntimeError as e:
         raise RetroError(f"{path}: not a readable faiss index ({_faiss_message(e)}); rebuild it with "
                          f"'retro-pipeline index-build --force'") from None
@@ -438,11 +440,60 @@ def merge_results(dists: list[np.ndarray], ids: list[np.ndarray], k: int, metric
 
 def search(index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``index.search`` with ties in distance ordered by id (a whole index and a sharded one give the same
-    rows; faiss leaves the order of ties to its heap)."""
-    D, I = index.search(np.ascontiguousarray(x, dtype=np.float32), k)
+    rows; faiss leaves the order of ties to its heap). An index whose lists are on disk is searched list by
+    list (:func:`search_by_list`)."""
     if isinstance(index, ShardedIndex):
-        return D, I
+        return index.search(x, k)
+    if lists_on_disk(index):
+        return search_by_list(index, x, k)
+    D, I = index.search(np.ascontiguousarray(x, dtype=np.float32), k)
     return merge_results([D], [I], k, index.metric_type)
+
+
+def lists_on_disk(index) -> bool:
+    """Whether an IVF index's lists are in a file of their own (``OnDiskInvertedLists`` with a file name; a
+    memory-mapped read of an in-memory index maps its lists from the index file, with no name)."""
+    f = faiss()
+    ivf = ivf_of(index)
+    if ivf is None:
+        return False
+    lists = f.downcast_InvertedLists(ivf.invlists)
+    return isinstance(lists, f.OnDiskInvertedLists) and bool(lists.filename)
+
+
+def search_by_list(index, x: np.ndarray, k: int, group_bytes: int = 256 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """The search of an IVF index done by inverted list rather than by query, as faiss's ``big_batch_search``
+    does, for lists on disk: the queries' lists (the coarse search, once) are taken in list order, which is
+    their order on disk, a group of about ``group_bytes`` at a time; each group is searched for the queries
+    that probe it (``search_preassigned`` with the other lists masked) and merged into the running top-k. So a
+    batch reads each list once, in file order, and holds one group's pages at a time, where a search by query
+    reads a query's lists in random order, again for every query that probes them. Distances are computed by
+    the same code on the same codes: the result equals ``index.search``'s (ties by id, :func:`merge_results`)."""
+    f = faiss()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ivf = ivf_of(index)
+    if isinstance(index, f.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = index.chain.at(i).apply(x)
+    Dq, Iq = ivf.quantizer.search(x, min(ivf.nprobe, ivf.nlist))
+    higher_better = index.metric_type == f.METRIC_INNER_PRODUCT
+    D = np.full((len(x), k), -np.finfo(np.float32).max if higher_better else np.finfo(np.float32).max, np.float32)
+    I = np.full((len(x), k), -1, np.int64)
+    probed = np.unique(Iq[Iq >= 0])
+    sizes = np.fromiter((ivf.invlists.list_size(int(lst)) for lst in probed), np.int64, len(probed))
+    sizes *= ivf.code_size + 8
+    first, held = 0, 0
+    for j in range(len(probed) + 1):
+        if j < len(probed) and (held == 0 or held + sizes[j] <= group_bytes):
+            held += int(sizes[j])
+            continue
+        if j > first:
+            mask = (Iq >= probed[first]) & (Iq <= probed[j - 1])
+            rows = np.flatnonzero(mask.any(axis=1))
+            Dg, Ig = ivf.search_preassigned(x[rows], k, np.where(mask[rows], Iq[rows], -1), Dq[rows])
+            D[rows], I[rows] = merge_results([D[rows], Dg], [I[rows], Ig], k, index.metric_type)
+        first, held = j, int(sizes[j]) if j < len(probed) else 0
+    return D, I
 
 
 def shard_bounds(row_ranges: list[tuple[int, int]], n_shards: int) -> list[tuple[int, int]]:

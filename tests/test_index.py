@@ -51,6 +51,39 @@ def test_block_codes_added_in_order_equal_a_serial_add(index_str):
 
 
 
+@pytest.mark.parametrize("index_str,metric", [("IVF16,Flat", "l2"), ("IVF16,PQ8", "l2"), ("OPQ8_32,IVF16_HNSW8,PQ8", "l2"),
+                                              ("IVF16,SQ8", "l2"), ("IVF16,Flat", "ip"), ("IVF16,PQ8", "ip")])
+def test_a_search_by_inverted_list_equals_the_search_by_query(index_str, metric):
+    """search_by_list (lists on disk): the queries' lists in groups, each group searched for the queries that
+    probe it and merged, equal index.search row for row and bit for bit, whatever the group size (one list a
+    group, a few, all); a tie comes back in id order."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x[2500] = x[100]
+    q = np.concatenate([rng.standard_normal((80, 32)).astype(np.float32), x[100:101]])
+    if metric == "l2":
+        index = faiss_index.train(index_str, x[:2000], _Log())
+    else:
+        index = faiss.index_factory(32, index_str, faiss.METRIC_INNER_PRODUCT)
+        for part in faiss_index.parts(index):
+            if isinstance(part, faiss.IndexIVFPQ):
+                part.do_polysemous_training = False   # as index-train: a slow training the search does not use
+        index.train(x[:2000])
+    index.add(x)
+    faiss_index.set_search_params(index, {"nprobe": 5, "efSearch": 32})
+    dw, iw = faiss_index.search(index, q, 20)
+    list_bytes = max(index_ivf_list_bytes(index))
+    for group_bytes in (1, 3 * list_bytes, 1 << 40):
+        dl, il = faiss_index.search_by_list(index, q, 20, group_bytes)
+        assert np.array_equal(iw, il) and np.array_equal(dw, dl), group_bytes
+    assert list(il[-1, :2]) == [100, 2500]
+
+
+def index_ivf_list_bytes(index):
+    ivf = faiss_index.ivf_of(index)
+    return [ivf.invlists.list_size(i) * (ivf.code_size + 8) for i in range(ivf.nlist)]
+
+
 @pytest.mark.parametrize("index_str", ["IVF16,Flat", "IVF16,PQ8", "OPQ8_32,IVF16_HNSW8,PQ8", "Flat"])
 def test_sharded_search_equals_the_whole_index_search(index_str):
     """Shards of contiguous rows, each a copy of the one trained index (same quantizer, codebooks and
@@ -483,10 +516,18 @@ def test_an_index_larger_than_index_memory_keeps_its_lists_on_disk(tmp_path, pre
     a, b = WorkdirReader(Workdir(tmp_path / "mem")), WorkdirReader(wd)
     ia, ib = a.index(), b.index()
     assert "OnDisk" in type(faiss.downcast_InvertedLists(faiss.extract_index_ivf(ib).invlists)).__name__
+    assert faiss_index.lists_on_disk(ib) and not faiss_index.lists_on_disk(ia)
     _, q = a.queries()
     da, ia_ = ia.search(q, 20)
     db_, ib_ = ib.search(q, 20)
     assert np.array_equal(ia_, ib_) and np.array_equal(da, db_)
+    # the pipeline's search of lists on disk goes list by list, and query-neighbors reads the index
+    # memory-mapped (the flag for that crashed faiss's search of lists on disk): the same rows
+    whole = faiss_index.search(ia, q, 20)
+    assert all(np.array_equal(u, v) for u, v in zip(whole, faiss_index.search(ib, q, 20)))
+    mapped = b.index(mmap=True)
+    assert faiss_index.lists_on_disk(mapped) and not faiss_index.lists_on_disk(a.index(mmap=True))
+    assert all(np.array_equal(u, v) for u, v in zip(whole, faiss_index.search(mapped, q, 20)))
     sa, sb = a.search_params(), b.search_params()
     assert sa["params"] == sb["params"] and sa["recall@10"] == sb["recall@10"]
 
