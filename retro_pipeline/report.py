@@ -601,6 +601,8 @@ class _Report:
         per_file = max(1, NEIGHBOR_ROWS // len(files))
         for a, b, p in files:
             sel = rows[(rows >= a) & (rows < b)]
+            if not len(sel) and got >= NEIGHBOR_ROWS:   # a big build has many files: open only those sampled
+                continue
             with h5py.File(p, "r") as f:
                 if len(sel):
                     nb[np.searchsorted(rows, sel)] = f["neighbors"][sel - a]

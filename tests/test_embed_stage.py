@@ -135,6 +135,50 @@ def test_lost_ray_worker_is_retried(tmp_path, prefix, gpt_tokenizer_path, tiny_b
     assert read_embeddings(str(wd.root)).tobytes() == read_embeddings(str(tmp_path / "clean")).tobytes()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_num_workers_caps_the_blocks_that_run_at_once(tmp_path, ray_session, workers):
+    """--num-workers N on CPU workers (Ray tasks): never more than N blocks at once (each block's marker records
+    its worker's start and end). It was twice N: each slot queued a second task, which ran beside the first."""
+    import json
+    import time
+
+    from retro_pipeline.io import atomic_path
+    from retro_pipeline.stage import Block, Stage, register, unregister
+
+    class Sleepy(Stage):
+        """Six blocks of 0.4 s each (a test's stage)."""
+
+        name = "sleepy-test"
+
+        def outputs(self):
+            return [self.workdir.stage_dir(self.name)]
+
+        def plan(self):
+            d = self.workdir.stage_dir(self.name)
+            return [Block(f"{i}", i, i + 1, str(d / f"{i}.txt")) for i in range(6)]
+
+        def process(self, block, state):
+            time.sleep(0.4)
+            with atomic_path(block.path) as tmp:
+                open(tmp, "w").write(block.name)
+            return {}
+
+        def finalize(self, blocks, results):
+            return {}
+
+    register(Sleepy)
+    try:
+        run_stages(str(tmp_path / "w"), ["sleepy-test"], {},
+                   RunOptions(executor="ray", num_workers=workers, progress=False))
+    finally:
+        unregister("sleepy-test")
+    spans = sorted((m["worker"]["start"], m["worker"]["end"]) for m in
+                   (json.loads(p.read_text()) for p in (tmp_path / "w" / "markers" / "sleepy-test").glob("[0-9]*.json")))
+    assert len(spans) == 6
+    at_once = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert at_once == workers, spans
+
+
 def test_cuda_requested_without_a_gpu_is_a_clear_error(tmp_path, prefix, gpt_tokenizer_path, tiny_bert_dir,
                                                        ray_session):
     import torch

@@ -424,9 +424,12 @@ class RayExecutor:
         task = ray.remote(max_calls=0)(_task_process) if as_tasks else None
         stage_ref = ray.put(stage) if as_tasks else None
         run_key = f"{stage.name}:{uuid.uuid4().hex}"
-        # an actor runs one group at a time and queues the next; a task slot of a stage that caps its workers
-        # per node holds one task, so that no more than the cap run on a node
-        per_worker = 1 if as_tasks and stage.resources.max_per_node else self.inflight_per_worker
+        # an actor runs one group at a time and queues the next. A task slot holds one task where the run caps
+        # how many run at once (--num-workers, or a stage's workers per node): a second task queued on a slot
+        # would run beside the first wherever a CPU is free. Where the cluster's CPUs alone size the pool, Ray
+        # runs no more than they hold, and a queued task keeps each CPU busy between tasks.
+        per_worker = 1 if as_tasks and (stage.resources.max_per_node or self.num_workers) else \
+            self.inflight_per_worker
         workers: list[_Worker] = []
         probes: dict[Any, _Worker] = {}  # readiness of starting actors
         pending: deque[tuple[list[Block], list[str]]] = deque(groups)
