@@ -169,7 +169,7 @@ class _Report:
         cfg = self.cfg
         stale = {s: st["stale"] for s, st in self.status.items() if st.get("stale")}
         rows = [("workdir", str(self.wd.root)), ("data path", " ".join(map(str, cfg.data_path or []))),
-                ("embedder", str(cfg.embedder_spec())), ("chunk length", cfg.chunk_length),
+                ("embedder", str(cfg.embedder)), ("chunk length", cfg.chunk_length),
                 ("index", (read_json(self.wd.index_info_path) or {}).get("index_str", cfg.index_str)),
                 ("generated", self.data["generated"])]
         out = _table(["", ""], rows, cls="kv", header=False)
