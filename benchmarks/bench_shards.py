@@ -81,7 +81,9 @@ def main() -> None:
         handles.append(ray.remote(_ServiceHost).options(num_cpus=0).remote(   # as the Ray executor serves it
             faiss_index.ShardSearcher, path, {"nprobe": args.nprobe}, int(bounds[i]),
             max(1, (os.cpu_count() or 1) // args.shards)))
-    remote = faiss_index.RemoteShards(handles, args.dim, args.n, whole.metric_type)
+    trained = faiss.clone_index(empty)   # as query-neighbors' workers hold it: the lists are assigned there once
+    faiss_index.set_search_params(trained, {"nprobe": args.nprobe})
+    remote = faiss_index.RemoteShards(handles, args.dim, args.n, whole.metric_type, trained)
 
     def run(index) -> tuple[float, np.ndarray]:
         t0 = time.perf_counter()

@@ -371,7 +371,11 @@ class ShardedIndex:
 
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        found = [shard.search(x, k) for shard in self.shards]
+        if preassignable(self.shards[0]):   # the shards share their quantizer: assign the lists once for all
+            xt, Dq, Iq = coarse_assign(self.shards[0], x)
+            found = [search_preassigned(shard, xt, k, Iq, Dq) for shard in self.shards]
+        else:
+            found = [shard.search(x, k) for shard in self.shards]
         return merge_results([d for d, _ in found], [with_offset(i, o) for (_, i), o in zip(found, self.offsets)],
                              k, self.metric_type)
 
@@ -400,14 +404,23 @@ class ShardSearcher:
         D, I = self.index.search(np.ascontiguousarray(x, dtype=np.float32), k)
         return D, with_offset(I, self.offset)
 
+    def search_preassigned(self, xt: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray):
+        """The search of queries already through the transforms and assigned to lists (:func:`coarse_assign`
+        on the trained index every shard was made from)."""
+        D, I = search_preassigned(self.index, xt, k, Iq, Dq)
+        return D, with_offset(I, self.offset)
+
 
 class RemoteShards(ShardedIndex):
     """A :class:`ShardedIndex` whose shards are searched by :class:`ShardSearcher` services: a search sends the
     queries once to every shard's service and merges what comes back."""
 
-    def __init__(self, handles: list, d: int, ntotal: int, metric_type: int):
+    def __init__(self, handles: list, d: int, ntotal: int, metric_type: int, trained=None):
         self.handles, self.d, self._ntotal, self.metric_type = list(handles), int(d), int(ntotal), int(metric_type)
         self.shards = []
+        # the trained (empty) index every shard was made from, with the search settings: with it, a search
+        # assigns the queries to lists once here instead of once in every shard
+        self.trained = trained if trained is not None and preassignable(trained) else None
 
     @property
     def ntotal(self) -> int:
@@ -416,8 +429,13 @@ class RemoteShards(ShardedIndex):
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import ray
 
-        ref = ray.put(np.ascontiguousarray(x, dtype=np.float32))
-        found = ray.get([h.call.remote("search", ref, k) for h in self.handles])
+        if self.trained is not None:
+            xt, Dq, Iq = coarse_assign(self.trained, x)
+            refs = [ray.put(a) for a in (xt, Iq, Dq)]
+            found = ray.get([h.call.remote("search_preassigned", refs[0], k, refs[1], refs[2]) for h in self.handles])
+        else:
+            ref = ray.put(np.ascontiguousarray(x, dtype=np.float32))
+            found = ray.get([h.call.remote("search", ref, k) for h in self.handles])
         return merge_results([d for d, _ in found], [i for _, i in found], k, self.metric_type)
 
 
@@ -461,6 +479,47 @@ def lists_on_disk(index) -> bool:
     return isinstance(lists, f.OnDiskInvertedLists) and bool(lists.filename)
 
 
+def coarse_assign(index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What an IVF index's search does before it scans lists: ``x`` through the index's transforms (OPQ, PCA),
+    and the ``nprobe`` nearest lists of each (distances ``Dq``, lists ``Iq``), with the search settings set on it.
+    ``ivf_of(index).search_preassigned(x, k, Iq, Dq)`` then searches as ``index.search(x, k)`` does."""
+    f = faiss()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ivf = ivf_of(index)
+    if isinstance(index, f.IndexPreTransform):
+        for i in range(index.chain.size()):
+            x = index.chain.at(i).apply(x)
+    Dq, Iq = ivf.quantizer.search(x, min(ivf.nprobe, ivf.nlist))
+    return x, Dq, Iq
+
+
+_pool = None   # threads for search_preassigned (faiss releases the GIL while it searches)
+
+
+def search_preassigned(index, x: np.ndarray, k: int, Iq: np.ndarray, Dq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``search_preassigned`` of the IVF part of ``index`` on every thread faiss may use: called from Python it
+    runs on one (faiss 1.15), so the queries are cut into one slice a thread, searched side by side."""
+    global _pool
+    ivf = ivf_of(index)
+    n, nt = len(x), faiss().omp_get_max_threads()
+    if nt <= 1 or n < 2 * nt:
+        return ivf.search_preassigned(x, k, Iq, Dq)
+    if _pool is None or _pool._max_workers < nt:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(nt, thread_name_prefix="faiss-search")
+    cuts = np.linspace(0, n, nt + 1).astype(int)
+    parts = list(_pool.map(lambda ab: ivf.search_preassigned(x[ab[0]:ab[1]], k, Iq[ab[0]:ab[1]], Dq[ab[0]:ab[1]]),
+                           zip(cuts[:-1], cuts[1:])))
+    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
+
+def preassignable(index) -> bool:
+    """An IVF index whose search can be split into :func:`coarse_assign` and ``search_preassigned`` (fast-scan
+    IVF indexes search lists their own way)."""
+    return ivf_of(index) is not None and not is_fast_scan(index)
+
+
 def search_by_list(index, x: np.ndarray, k: int, group_bytes: int = 256 << 20) -> tuple[np.ndarray, np.ndarray]:
     """The search of an IVF index done by inverted list rather than by query, as faiss's ``big_batch_search``
     does, for lists on disk: the queries' lists (the coarse search, once) are taken in list order, which is
@@ -470,12 +529,8 @@ def search_by_list(index, x: np.ndarray, k: int, group_bytes: int = 256 << 20) -
     reads a query's lists in random order, again for every query that probes them. Distances are computed by
     the same code on the same codes: the result equals ``index.search``'s (ties by id, :func:`merge_results`)."""
     f = faiss()
-    x = np.ascontiguousarray(x, dtype=np.float32)
     ivf = ivf_of(index)
-    if isinstance(index, f.IndexPreTransform):
-        for i in range(index.chain.size()):
-            x = index.chain.at(i).apply(x)
-    Dq, Iq = ivf.quantizer.search(x, min(ivf.nprobe, ivf.nlist))
+    x, Dq, Iq = coarse_assign(index, x)
     higher_better = index.metric_type == f.METRIC_INNER_PRODUCT
     D = np.full((len(x), k), -np.finfo(np.float32).max if higher_better else np.finfo(np.float32).max, np.float32)
     I = np.full((len(x), k), -1, np.int64)
@@ -490,7 +545,7 @@ def search_by_list(index, x: np.ndarray, k: int, group_bytes: int = 256 << 20) -
         if j > first:
             mask = (Iq >= probed[first]) & (Iq <= probed[j - 1])
             rows = np.flatnonzero(mask.any(axis=1))
-            Dg, Ig = ivf.search_preassigned(x[rows], k, np.where(mask[rows], Iq[rows], -1), Dq[rows])
+            Dg, Ig = search_preassigned(index, x[rows], k, np.where(mask[rows], Iq[rows], -1), Dq[rows])
             D[rows], I[rows] = merge_results([D[rows], Dg], [I[rows], Ig], k, index.metric_type)
         first, held = j, int(sizes[j]) if j < len(probed) else 0
     return D, I

@@ -195,9 +195,11 @@ class QueryNeighborsStage(EmbeddingStage):
         reader = WorkdirReader(self.workdir)
         if self.service_handles:   # --index-shards on Ray: each shard searched by its own service
             listed = reader.shards()
+            trained = faiss_index.read_index(self.workdir.empty_index_path(listed["index_str"]), "trained index")
+            faiss_index.set_search_params(trained, reader.search_params()["params"])
             state["index"] = faiss_index.RemoteShards(self.service_handles, reader.index_info()["dim"],
                                                       sum(sh["ntotal"] for sh in listed["shards"]),
-                                                      listed["metric_type"])
+                                                      listed["metric_type"], trained)   # lists assigned here
         else:
             state["index"] = reader.index(mmap=True)
         if state["index"].d != state["encoder"].dim:
