@@ -425,6 +425,26 @@ def test_on_ray_each_shard_is_searched_by_its_own_service(tmp_path, prefix, gpt_
     assert np.array_equal(a, saved_neighbors(tmp_path / "ray", "train"))
 
 
+def test_a_stop_by_signal_is_told_from_an_error():
+    """On a stop (SIGTERM, Ctrl-C; inside ray.wait it arrives wrapped in a SystemError) the pool does not
+    force-cancel its tasks (the process ends, and Ray with it); on an error it does."""
+    from retro_pipeline.executor.ray import _stopped_by_signal
+
+    class Stop(BaseException):
+        pass
+
+    def seen(exc):
+        try:
+            raise exc
+        except BaseException:
+            return _stopped_by_signal()
+
+    wrapped = SystemError("returned a result with an exception set")
+    wrapped.__cause__ = Stop()
+    assert seen(KeyboardInterrupt()) and seen(Stop()) and seen(wrapped)
+    assert not seen(ValueError("stage code")) and not seen(SystemError("other")) and not _stopped_by_signal()
+
+
 def test_services_are_packed_on_the_nodes_memory_largest_first():
     from retro_pipeline.executor.ray import services_unplaced
 

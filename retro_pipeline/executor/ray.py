@@ -64,6 +64,17 @@ def check_feasible(ray, cpus: float, gpus: float, memory: int | None = None) -> 
                      f"(the most on one node: {best_cpu:g} CPUs); lower --cpus-per-worker")
 
 
+def _stopped_by_signal() -> bool:
+    """Whether the exception on its way out is a stop (SIGTERM, Ctrl-C: not an ``Exception``). The process is
+    ending then, and Ray ends the run's workers with it: its tasks are not force-cancelled first, since a task
+    that finishes while Ray cancels it can crash Ray 2.60's core worker ("Tried to complete task that was not
+    pending", seen once in CI after a SIGTERM), turning the stop's exit code into 1."""
+    e = sys.exc_info()[1]
+    if isinstance(e, SystemError) and e.__cause__ is not None:   # a signal's exception raised inside ray.wait
+        e = e.__cause__
+    return e is not None and not isinstance(e, Exception)
+
+
 def services_unplaced(ray, memory: list[int]) -> int:
     """How many of services declaring ``memory`` (bytes each) find no room when placed largest first, each on
     the first alive node with that much of its memory resource left (first-fit decreasing)."""
@@ -393,7 +404,7 @@ class RayExecutor:
                 replay(records)
                 results[i] = result
         finally:
-            for ref in running:   # a failure or a stop leaves no job running
+            for ref in running if not _stopped_by_signal() else ():   # a failure leaves no job running
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
         return [results[i] for i in range(len(jobs))]
@@ -548,7 +559,7 @@ class RayExecutor:
                         raise self._no_node_error(ray, stage, f"{sum(len(t) for _, t in pending)} blocks left", cpus, gpus,
                                                   memory)
         finally:
-            if as_tasks:  # stopped early (an error, Ctrl-C): no task of this run goes on writing
+            if as_tasks and not _stopped_by_signal():  # stopped by an error: no task of this run goes on writing
                 for ref in inflight:
                     with contextlib.suppress(Exception):
                         ray.cancel(ref, force=True)
