@@ -303,7 +303,7 @@ class _Report:
         workers = sorted({worker_name(e) for e in blocks})
         lost = [e for e in self.events if e["event"] == "worker_lost"]
         self.data["timeline"] = {
-            "runs": sorted({e["run"] for e in blocks}), "workers": len(workers), "lost_worker_events": len(lost),
+            "runs": list(dict.fromkeys(e["run"] for e in blocks)), "workers": len(workers), "lost_worker_events": len(lost),
             "blocks_finished": {s: {"events": d["events"], "distinct": len(d["blocks"])} for s, d in per_stage.items()}}
         out = self.plot("worker_timeline", self.plot_timeline, blocks, lost,
                         size=(11, 1.2 + 0.28 * min(len(workers), MAX_WORKER_ROWS)))
