@@ -113,9 +113,11 @@ class IndexAddStage(EmbeddingStage):
         return self._n_shards
 
     def index_bytes(self) -> int:
-        """Bytes the added index's codes and ids take in memory."""
-        index = faiss_index.read_index(self.workdir.empty_index_path(self.index_str), "trained index")
-        return self.reader().db_num_chunks("train") * (index.sa_code_size() + 8)
+        """Bytes the added index's codes and ids take in memory (from the index string: the trained index, whose
+        quantizer can be gigabytes, is not read for it)."""
+        reader = self.reader()
+        code = faiss_index.code_size(self.index_str, reader.index_info()["dim"])
+        return reader.db_num_chunks("train") * (code + 8)
 
     @property
     def k(self) -> int:
